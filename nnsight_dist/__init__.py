@@ -1,0 +1,46 @@
+"""nnsight_dist: nnsight-style tracing and intervention for models sharded over ranks.
+
+``import nnsight_dist as nd``; see README.md and docs/ for the tour.
+"""
+
+from . import testing
+from .intervention.envoy import Envoy
+from .intervention.eproperty import eproperty
+from .intervention.errors import (
+    DivergenceError,
+    MissedProviderError,
+    ModulePathError,
+    NNsightError,
+    NotTracingError,
+    OutOfOrderError,
+    RemoteError,
+    RouterTimeout,
+    TracingSourceError,
+    UnshardableModel,
+    WriteShapeError,
+)
+from .modeling.language_model import LanguageModel
+from .modeling.nnsight import NNsight
+from .tracing.save import save
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DivergenceError",
+    "Envoy",
+    "LanguageModel",
+    "MissedProviderError",
+    "ModulePathError",
+    "NNsight",
+    "NNsightError",
+    "NotTracingError",
+    "OutOfOrderError",
+    "RemoteError",
+    "RouterTimeout",
+    "TracingSourceError",
+    "UnshardableModel",
+    "WriteShapeError",
+    "eproperty",
+    "save",
+    "testing",
+]

@@ -1,0 +1,1 @@
+"""distributed layer of nnsight_dist (see DESIGN.md §3)."""

@@ -1,0 +1,1 @@
+"""engines layer of nnsight_dist (see DESIGN.md §3)."""

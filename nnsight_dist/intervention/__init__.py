@@ -1,0 +1,1 @@
+"""intervention layer of nnsight_dist (see DESIGN.md §3)."""

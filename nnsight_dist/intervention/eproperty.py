@@ -1,0 +1,103 @@
+"""``eproperty``: the extension point for values that live in the running model.
+
+An eproperty is a descriptor defined by decorating a stub method. Reading it inside a
+trace *requests* the value at ``<obj.path>.<key>`` from the interleaver (parking the
+mediator until the model gets there); assigning to it *swaps* a new value in. Three
+hooks adapt the value:
+
+- ``preprocess(obj, value)`` runs on the raw value before the user sees it;
+- ``postprocess(obj, value)`` runs on a user's assignment before it is swapped in;
+- ``transform(value)`` closes the loop for a preprocessed copy: the preprocessed value is
+  bound into it, and when the mediator next parks, its return value is swapped back into
+  the model, so in-place edits on a reshaped or cloned view take effect.
+
+The stub's body never runs for its value; it runs on every access (before the request)
+so decorators stacked under ``@eproperty()`` can prepare what the access needs. Outside a
+trace, an object may offer a recorded value instead (``_fake_<key>``, set by a scan).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+from .errors import NotTracingError
+
+
+class eproperty:
+    """A hookable property on an object with ``interleaver`` and ``path`` attributes."""
+
+    def __init__(self, key: Optional[str] = None, description: Optional[str] = None, iterate: bool = True):
+        self.key = key
+        self.description = description
+        self.iterate = iterate
+        self._stub: Optional[Callable] = None
+        self._preprocess: Optional[Callable] = None
+        self._postprocess: Optional[Callable] = None
+        self._transform: Optional[Callable] = None
+
+    def __call__(self, stub: Callable) -> "eproperty":
+        self._stub = stub
+        if self.key is None:
+            self.key = stub.__name__
+        self.__doc__ = stub.__doc__
+        self.__name__ = stub.__name__
+        return self
+
+    def preprocess(self, fn: Callable[[Any, Any], Any]) -> "eproperty":
+        """Register ``fn(obj, value)`` run on the value before the user sees it."""
+        self._preprocess = fn
+        return self
+
+    def postprocess(self, fn: Callable[[Any, Any], Any]) -> "eproperty":
+        """Register ``fn(obj, value)`` run on an assigned value before it is swapped in."""
+        self._postprocess = fn
+        return self
+
+    def transform(self, fn: Callable[[Any], Any]) -> "eproperty":
+        """Register ``fn(preprocessed_value)`` whose result is swapped back into the model."""
+        self._transform = fn.__func__ if isinstance(fn, staticmethod) else fn
+        return self
+
+    def location(self, obj: Any) -> str:
+        """The location string this property reads for ``obj``."""
+        path = getattr(obj, "path", "")
+        return f"{path}.{self.key}" if path else self.key
+
+    def __get__(self, obj: Any, owner: type) -> Any:
+        if obj is None:
+            return self
+        if self._stub is not None:
+            self._stub(obj)
+        interleaver = obj.interleaver
+        location = self.location(obj)
+        if interleaver is None or not interleaver.active:
+            fake = getattr(obj, "_fakes", {}).get(self.key, _MISSING)
+            if fake is not _MISSING:
+                value = fake
+            else:
+                raise NotTracingError(
+                    f"`.{self.__name__}` of {getattr(obj, 'path', obj)} is only available "
+                    "inside a trace: read it in the body of `with model.trace(...)`, or run "
+                    "`model.scan(...)` first to see shapes."
+                )
+        else:
+            value = interleaver.request(location)
+        if self._preprocess is not None:
+            value = self._preprocess(obj, value)
+            if self._transform is not None and interleaver is not None and interleaver.active:
+                interleaver.set_transform(location, functools.partial(self._transform, value))
+        return value
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        interleaver = obj.interleaver
+        if interleaver is None or not interleaver.active:
+            raise NotTracingError(
+                f"`.{self.__name__}` of {getattr(obj, 'path', obj)} can only be set inside a trace."
+            )
+        if self._postprocess is not None:
+            value = self._postprocess(obj, value)
+        interleaver.swap(self.location(obj), value)
+
+
+_MISSING = object()

@@ -1,0 +1,57 @@
+"""The errors a user of nnsight_dist can meet.
+
+Every error is a subclass of :class:`NNsightError`, so ``except nd.NNsightError`` catches
+anything the library raises on purpose. Messages say what happened, where (the location,
+and in distributed runs the rank) and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class NNsightError(Exception):
+    """Base class of every error nnsight_dist raises on purpose."""
+
+
+class MissedProviderError(NNsightError):
+    """A mediator waited on a location that the model never reached."""
+
+
+class OutOfOrderError(MissedProviderError):
+    """A location was requested after its visit had already passed."""
+
+
+class NotTracingError(NNsightError, ValueError):
+    """A value was read or written outside of a trace (``.output`` at top level, say)."""
+
+
+class ModulePathError(NNsightError, AttributeError):
+    """A module path that does not exist in the model tree."""
+
+
+class WriteShapeError(NNsightError, ValueError):
+    """A replacement value whose shape differs from the value it replaces."""
+
+
+class TracingSourceError(NNsightError):
+    """The body of a ``with`` block could not be found or compiled."""
+
+
+class DivergenceError(NNsightError):
+    """Ranks of a replica visited or served different locations."""
+
+
+class RemoteError(NNsightError):
+    """Another rank failed; carries its rank and its message."""
+
+    def __init__(self, rank: int, message: str):
+        super().__init__(f"rank {rank} failed: {message}")
+        self.rank = rank
+        self.remote_message = message
+
+
+class RouterTimeout(NNsightError, TimeoutError):
+    """A value never arrived from the rank expected to send it."""
+
+
+class UnshardableModel(NNsightError, ValueError):
+    """A tensor- or pipeline-parallel degree the model cannot be split into."""

@@ -1,0 +1,423 @@
+"""The interleaver: runs mediators alongside the model and handles every visit.
+
+Every module of the tree (and every ``.source`` operation that has been asked for) is a
+*call point*: its forward goes through :meth:`Interleaver.visit`, which passes the input
+and the output through the one primitive, :meth:`Interleaver.handle`. ``handle`` serves
+the mediators waiting at that location in mediator order, applies their writes, then
+feeds the observers (caches, scans). A visit nobody waits for costs two dictionary
+lookups.
+
+Locations are strings, ``"<path>.input"`` and ``"<path>.output"``. Each has a *site*
+counting its visits: the visit index is the iteration a mediator can ask for
+(``tracer.iter``). A *step* is one call of the root module; ``generate`` makes several.
+
+The mediator-side calls (:meth:`request`, :meth:`swap`, :meth:`skip`, :meth:`barrier`)
+run inside a mediator's greenlet: they are answered at once when the location is the
+visit in progress, and otherwise park the mediator until the model gets there.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+import torch
+from greenlet import GreenletExit, getcurrent, greenlet
+
+from .batcher import Batcher
+from .errors import MissedProviderError, NotTracingError, OutOfOrderError
+from .mediator import Mediator, Wait
+
+
+class Site:
+    """Visit bookkeeping of one location within the current run."""
+
+    __slots__ = ("location", "n", "step", "epoch")
+
+    def __init__(self, location: str) -> None:
+        self.location = location
+        self.n = 0
+        self.step = -1
+        self.epoch = -1
+
+
+class CallPoint:
+    """A callable whose calls are visits: a module's forward or a ``.source`` operation."""
+
+    __slots__ = ("path", "forward", "input", "output", "root")
+
+    def __init__(self, path: str, forward: Callable, input: Site, output: Site, root: bool):
+        self.path = path
+        self.forward = forward
+        self.input = input
+        self.output = output
+        self.root = root
+
+
+class Barrier:
+    """``tracer.barrier(n)``: holds ``n`` mediators until all of them have arrived."""
+
+    def __init__(self, interleaver: "Interleaver", n: int) -> None:
+        self.interleaver = interleaver
+        self.n = n
+        self.arrived: list[Mediator] = []
+
+    def __call__(self) -> None:
+        self.interleaver.barrier(self)
+
+
+class Interleaver:
+    """Per-model engine that runs mediators and handles visits (see module docstring)."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.paused = 0
+        self.epoch = 0
+        self.step = -1
+        self.sites: dict[str, Site] = {}
+        self.points: dict[str, CallPoint] = {}
+        self.mediators: list[Mediator] = []
+        self.waiting: dict[str, list[Mediator]] = {}
+        self.observers: dict[str, list[Callable[[Any, int], None]]] = {}
+        self.skips: dict[str, list[tuple[Any, Any]]] = {}
+        self.barriers: list[Barrier] = []
+        self.batcher = Batcher()
+        self.current: Optional[Mediator] = None
+        self.location: Optional[str] = None
+        self.value: Any = None
+        self.site: Optional[Site] = None
+        self.main: Optional[greenlet] = None
+        self.stopped = False
+
+    # ------------------------------------------------------------------ call points
+
+    def site(self, location: str) -> Site:  # noqa: F811 - attribute shadows during visits
+        return self.sites.setdefault(location, Site(location))
+
+    def wrap_module(self, module: torch.nn.Module, path: str, root: bool = False) -> CallPoint:
+        """Make ``module``'s forward a call point named ``path`` (idempotent)."""
+        point = self.points.get(path)
+        if point is not None:
+            return point
+        point = CallPoint(
+            path,
+            module.forward,
+            Site.__new__(Site),
+            Site.__new__(Site),
+            root,
+        )
+        point.input = self.sites.setdefault(path + ".input", Site(path + ".input"))
+        point.output = self.sites.setdefault(path + ".output", Site(path + ".output"))
+        self.points[path] = point
+        interleaver = self
+
+        @functools.wraps(point.forward)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if interleaver.active and not interleaver.paused:
+                return interleaver.visit(point, point.forward, args, kwargs)
+            return point.forward(*args, **kwargs)
+
+        module.forward = forward
+        return point
+
+    def operation(self, path: str) -> Callable[[str, Callable, tuple, dict], Any]:
+        """The ``call`` function for ``.source`` operations of the module at ``path``."""
+        interleaver = self
+
+        def call(name: str, fn: Callable, args: tuple, kwargs: dict) -> Any:
+            if not interleaver.active or interleaver.paused:
+                return fn(*args, **kwargs)
+            full = f"{path}.{name}"
+            point = interleaver.points.get(full)
+            if point is None:
+                point = CallPoint(full, fn, self._new_site(full + ".input"), self._new_site(full + ".output"), False)
+                interleaver.points[full] = point
+            return interleaver.visit(point, fn, args, kwargs)
+
+        return call
+
+    def _new_site(self, location: str) -> Site:
+        return self.sites.setdefault(location, Site(location))
+
+    # ------------------------------------------------------------------ visits
+
+    def visit(self, point: CallPoint, fn: Callable, args: tuple, kwargs: dict) -> Any:
+        """One call of a call point: handle its input, run it (or its skip), handle its output."""
+        if point.root:
+            self.step += 1
+        site = point.input
+        if site.epoch != self.epoch:
+            site.epoch, site.n = self.epoch, 0
+        site.step = self.step
+        location = site.location
+        if location in self.waiting or location in self.observers:
+            args, kwargs = self.handle(location, (args, kwargs), site)
+        site.n += 1
+        skips = self.skips.pop(point.path, None) if self.skips else None
+        if skips is None:
+            out = fn(*args, **kwargs)
+        else:
+            out = self._skipped(point, fn, args, kwargs, skips)
+        site = point.output
+        if site.epoch != self.epoch:
+            site.epoch, site.n = self.epoch, 0
+        site.step = self.step
+        location = site.location
+        if location in self.waiting or location in self.observers:
+            out = self.handle(location, out, site)
+        site.n += 1
+        return out
+
+    def handle(self, location: str, value: Any, site: Optional[Site] = None) -> Any:
+        """The one primitive: pass ``value`` at ``location`` to waiting mediators and observers.
+
+        Returns the value the model continues with (replaced or edited by mediators).
+        """
+        if site is None:
+            site = self._new_site(location)
+            if site.epoch != self.epoch:
+                site.epoch, site.n = self.epoch, 0
+            site.step = self.step
+        if location in self.waiting:
+            value = self._serve(location, value, site)
+        observers = self.observers.get(location)
+        if observers:
+            for observe in observers:
+                observe(value, site.n)
+        return value
+
+    def _serve(self, location: str, value: Any, site: Site) -> Any:
+        outer = (self.location, self.value, self.site)
+        self.location, self.value, self.site = location, value, site
+        try:
+            while True:
+                waiters = self.waiting.get(location)
+                if not waiters:
+                    break
+                ready = [m for m in waiters if m.wait.iteration is None or m.wait.iteration == site.n]
+                if not ready:
+                    break
+                med = min(ready, key=_index)
+                waiters.remove(med)
+                if not waiters:
+                    del self.waiting[location]
+                wait, med.wait = med.wait, None
+                send = None
+                if wait.kind == "value":
+                    send = self.batcher.narrow(self.value, med.group)
+                elif wait.kind == "swap":
+                    self.value = self.batcher.swap(self.value, wait.payload, med.group, location)
+                else:
+                    self._add_skip(med, location, wait.payload)
+                self._resume(med, send)
+            return self.value
+        finally:
+            self.location, self.value, self.site = outer
+
+    def _skipped(self, point: CallPoint, fn: Callable, args: tuple, kwargs: dict, skips: list) -> Any:
+        if len(skips) == 1 and self.batcher.whole(skips[0][0]):
+            return skips[0][1]
+        # Only some invokes skip: run the call for the others, then put each skip in its rows.
+        out = fn(*args, **kwargs)
+        for group, value in skips:
+            out = self.batcher.swap(out, value, group, point.output.location)
+        return out
+
+    def _add_skip(self, med: Mediator, location: str, value: Any) -> None:
+        self.skips.setdefault(location[: -len(".input")], []).append((med.group, value))
+
+    # ------------------------------------------------------------------ scheduling
+
+    def start(self, med: Mediator) -> None:
+        """Run ``med``'s body until it first parks (or ends)."""
+        if self.main is None:
+            self.main = getcurrent()
+        fn = med.fn
+        med.greenlet = greenlet(lambda _: fn(), parent=self.main)
+        self._resume(med, None)
+
+    def _resume(self, med: Mediator, send: Any, throw: Optional[BaseException] = None) -> None:
+        outer = self.current
+        self.current = med
+        try:
+            if throw is None:
+                med.greenlet.switch(send)
+            else:
+                med.greenlet.throw(throw)
+        finally:
+            self.current = outer
+        if med.transform is not None:
+            location, transform = med.transform
+            med.transform = None
+            if location == self.location:
+                self.value = self.batcher.swap(self.value, transform(), med.group, location)
+        if self.barriers:
+            self._release_barriers()
+
+    def _release_barriers(self) -> None:
+        for barrier in list(self.barriers):
+            if len(barrier.arrived) >= barrier.n and barrier in self.barriers:
+                self.barriers.remove(barrier)
+                arrived, barrier.arrived = sorted(barrier.arrived, key=_index), []
+                for med in arrived:
+                    med.wait = None
+                for med in arrived:
+                    self._resume(med, None)
+
+    def _park(self, med: Mediator, wait: Wait) -> Any:
+        med.wait = wait
+        if wait.kind != "barrier":
+            self.waiting.setdefault(wait.location, []).append(med)
+        return self.main.switch()
+
+    def _mediator(self, what: str) -> Mediator:
+        med = self.current
+        if med is None or not self.active or getcurrent() is not med.greenlet:
+            raise NotTracingError(
+                f"{what} is only available inside a trace: use it in the body of "
+                "`with model.trace(...)` (or of a `tracer.invoke(...)`)."
+            )
+        return med
+
+    def _check(self, med: Mediator, location: str) -> tuple[Site, Optional[int], bool]:
+        """The site of ``location``, the iteration wanted and whether it is the visit in progress."""
+        site = self.sites.get(location)
+        if site is None:
+            raise MissedProviderError(f"{location} is not a location of this model")
+        if site.epoch != self.epoch:
+            site.epoch, site.n, site.step = self.epoch, 0, -1
+        it = med.iteration
+        if location == self.location and (it is None or it == site.n):
+            return site, it, True
+        passed = (site.n > 0 and site.step == self.step) if it is None else site.n > it
+        if passed:
+            when = "in this step" if it is None else f"(iteration {it} has passed; now at {site.n})"
+            raise OutOfOrderError(
+                f"{location} was requested after the model had already passed it {when}. "
+                "Access locations in the order the model reaches them (for generation steps, "
+                "use tracer.iter[...] or tracer.next())."
+            )
+        return site, it, False
+
+    # ------------------------------------------------------------------ mediator side
+
+    def request(self, location: str) -> Any:
+        """The value at ``location`` for the current mediator (parks until it is reached)."""
+        med = self._mediator(f"reading {location}")
+        site, it, now = self._check(med, location)
+        if now:
+            return self.batcher.narrow(self.value, med.group)
+        return self._park(med, Wait(location, it, "value"))
+
+    def swap(self, location: str, value: Any) -> None:
+        """Replace the value at ``location`` (for the current mediator's rows)."""
+        med = self._mediator(f"writing {location}")
+        site, it, now = self._check(med, location)
+        if now:
+            self.value = self.batcher.swap(self.value, value, med.group, location)
+            return
+        self._park(med, Wait(location, it, "swap", value))
+
+    def skip(self, path: str, value: Any) -> None:
+        """Do not run the call point at ``path``; use ``value`` as its output."""
+        location = path + ".input"
+        med = self._mediator(f"skipping {path}")
+        site, it, now = self._check(med, location)
+        if now:
+            self._add_skip(med, location, value)
+            return
+        self._park(med, Wait(location, it, "skip", value))
+
+    def set_transform(self, location: str, transform: Callable[[], Any]) -> None:
+        """Swap ``transform()`` into ``location`` once the current mediator next parks."""
+        self.current.transform = (location, transform)
+
+    def barrier(self, barrier: Barrier) -> None:
+        """Park the current mediator until ``barrier.n`` mediators have arrived."""
+        med = self._mediator("a barrier")
+        if barrier not in self.barriers:
+            self.barriers.append(barrier)
+        barrier.arrived.append(med)
+        self._park(med, Wait("barrier", None, "barrier"))
+
+    def call(self, point: CallPoint, args: tuple, kwargs: dict) -> Any:
+        """An ad-hoc call of a module from inside a body: runs it without visits."""
+        self.paused += 1
+        try:
+            return point.forward(*args, **kwargs)
+        finally:
+            self.paused -= 1
+
+    # ------------------------------------------------------------------ run lifecycle
+
+    def begin(self, batch_size: Optional[int]) -> None:
+        """Prepare a run: new epoch, empty waits, ``batch_size`` rows."""
+        self.epoch += 1
+        self.step = -1
+        self.active = True
+        self.stopped = False
+        self.batcher = Batcher(batch_size)
+        self.main = getcurrent()
+
+    def finish(self) -> None:
+        """End of the model run: every mediator still waiting gets its error (or ends quietly)."""
+        for med in list(self.mediators):
+            guard = 0
+            while med.greenlet is not None and not med.greenlet.dead and med.wait is not None:
+                wait = med.wait
+                self._unpark(med)
+                guard += 1
+                if self.stopped or (med.unbounded and wait.kind != "barrier") or guard > 100:
+                    self._resume(med, None, GreenletExit())
+                    continue
+                self._resume(med, None, MissedProviderError(_missed(wait, self.step + 1)))
+
+    def _unpark(self, med: Mediator) -> None:
+        wait, med.wait = med.wait, None
+        if wait is None:
+            return
+        waiters = self.waiting.get(wait.location)
+        if waiters and med in waiters:
+            waiters.remove(med)
+            if not waiters:
+                del self.waiting[wait.location]
+        for barrier in self.barriers:
+            if med in barrier.arrived:
+                barrier.arrived.remove(med)
+
+    def end(self) -> None:
+        """Tear down after a run, successful or not: the model traces normally again."""
+        self.active = False
+        for med in self.mediators:
+            if med.greenlet is not None and not med.greenlet.dead:
+                try:
+                    med.greenlet.throw(GreenletExit())
+                except GreenletExit:
+                    pass
+        self.mediators = []
+        self.waiting.clear()
+        self.observers.clear()
+        self.skips.clear()
+        self.barriers.clear()
+        self.current = None
+        self.location = self.value = self.site = None
+        self.main = None
+
+    def observe(self, location: str, fn: Callable[[Any, int], None]) -> None:
+        """Call ``fn(value, visit_index)`` at every visit of ``location`` during this run."""
+        self.observers.setdefault(location, []).append(fn)
+
+
+def _index(med: Mediator) -> int:
+    return med.index
+
+
+def _missed(wait: Wait, steps: int) -> str:
+    if wait.kind == "barrier":
+        return "a barrier was never completed: fewer invokes than its participant count called it"
+    what = {"value": "reading", "swap": "writing", "skip": "skipping"}[wait.kind]
+    at = "" if wait.iteration is None else f" at iteration {wait.iteration} (the run made {steps} step(s))"
+    return (
+        f"{what} {wait.location}{at}: the model never reached this location. "
+        "Check the module path and that the module runs for these inputs."
+    )

@@ -1,0 +1,59 @@
+"""Mediators: intervention bodies run as coroutines beside the model.
+
+A mediator is one intervention body (one ``invoke``, the trace body itself, or an edit)
+running in its own greenlet on the model's thread. It runs until it needs something from
+the model (a value at a location, a place to write, a barrier) and then *parks*: it
+records what it waits for and switches back to the model. The interleaver resumes it when
+the model reaches that location. Nothing runs in parallel: the model and the mediators
+take turns in a fixed order (visit order, then mediator order), which is what makes runs
+on several ranks identical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from greenlet import greenlet
+
+from .batcher import Group
+
+
+@dataclass
+class Wait:
+    """What a parked mediator waits for.
+
+    ``kind`` is ``"value"`` (read), ``"swap"`` (write ``payload``), ``"skip"`` (replace a
+    module call by ``payload``) or ``"barrier"``. ``iteration`` is the visit index wanted,
+    or ``None`` for the next visit.
+    """
+
+    location: str
+    iteration: Optional[int]
+    kind: str
+    payload: Any = None
+
+
+class Mediator:
+    """One intervention body and its state in the current run."""
+
+    def __init__(self, fn: Callable[[], Any], group: Group = None, name: str = "") -> None:
+        self.fn = fn
+        self.group = group
+        self.name = name
+        self.index = 0
+        self.greenlet: Optional[greenlet] = None
+        self.wait: Optional[Wait] = None
+        #: Visit index the body is constrained to (inside ``tracer.iter``), else ``None``.
+        self.iteration: Optional[int] = None
+        #: True inside ``tracer.all()``/``iter[:]``: running out of steps ends the body quietly.
+        self.unbounded = False
+        #: A one-shot eproperty transform to apply when the body next parks.
+        self.transform: Optional[tuple[str, Callable[[], Any]]] = None
+
+    @property
+    def done(self) -> bool:
+        return self.greenlet is not None and self.greenlet.dead
+
+    def __repr__(self) -> str:
+        return f"<mediator {self.name or self.index}>"

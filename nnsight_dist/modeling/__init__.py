@@ -1,0 +1,1 @@
+"""modeling layer of nnsight_dist (see DESIGN.md §3)."""

@@ -1,0 +1,134 @@
+"""``nd.LanguageModel``: a causal language model from transformers, with its tokenizer.
+
+Loads a local checkpoint (or wraps an already-built model), prepares prompts given as a
+string, a list of strings, token ids or a tokenizer output, and batches the prompts of
+several invokes as nnsight does: every row keeps its own tokens, and rows are padded on
+the tokenizer's padding side (left by default) to the longest row of the batch.
+``generate`` traces ``model.generate``; every generation step is one step of the trace.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+
+from ..intervention.envoy import Rename
+from ..tracing.tracer import InterleavingTracer
+from .nnsight import Batched, NNsight
+
+Prompt = Union[str, list, torch.Tensor, dict]
+
+
+class LanguageModel(NNsight):
+    """A traceable causal LM (see the module docstring)."""
+
+    def __init__(
+        self,
+        path_or_model: Any,
+        *,
+        tp: int = 1,
+        pp: int = 1,
+        engine: str = "transformers",
+        dtype: Any = None,
+        device: Any = None,
+        tokenizer: Any = None,
+        rename: Optional[Rename] = None,
+        **load_kwargs: Any,
+    ) -> None:
+        import transformers
+
+        if tp != 1 or pp != 1 or engine != "transformers":
+            raise NotImplementedError(
+                "tensor/pipeline parallel loading is not available in this build: use tp=1, pp=1"
+            )
+        if isinstance(path_or_model, torch.nn.Module):
+            module = path_or_model
+            source = getattr(module.config, "_name_or_path", None)
+        else:
+            source = str(path_or_model)
+            if dtype is not None:
+                load_kwargs["dtype"] = dtype
+            module = transformers.AutoModelForCausalLM.from_pretrained(source, **load_kwargs)
+        if device is not None:
+            module = module.to(device)
+        module.eval()
+        if tokenizer is None and source:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(source, padding_side="left")
+        if tokenizer is not None and tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        super().__init__(module, rename=rename)
+        self.__dict__["tokenizer"] = tokenizer
+
+    @property
+    def config(self) -> Any:
+        return self._module.config
+
+    def generate(self, *inputs: Any, **kwargs: Any) -> InterleavingTracer:
+        """A tracer around ``model.generate``; each new token is one step (``tracer.iter``)."""
+        steps = kwargs.get("max_new_tokens")
+        return InterleavingTracer(self, self._generate, inputs, kwargs, steps=steps)
+
+    # ------------------------------------------------------------------ inputs
+
+    def _rows(self, args: tuple, kwargs: dict) -> list[list[int]]:
+        """The token rows of one input, without padding."""
+        if len(args) != 1:
+            raise TypeError(f"a LanguageModel input is one prompt or batch of prompts, got {len(args)} arguments")
+        prompt = args[0]
+        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], str)):
+            if self.tokenizer is None:
+                raise ValueError("this LanguageModel has no tokenizer: pass token ids instead of text")
+            enc = self.tokenizer([prompt] if isinstance(prompt, str) else prompt)
+            return [list(ids) for ids in enc["input_ids"]]
+        if isinstance(prompt, dict) or hasattr(prompt, "keys"):
+            ids = prompt["input_ids"]
+            mask = prompt.get("attention_mask")
+            ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
+            if ids and isinstance(ids[0], int):
+                ids = [ids]
+            if mask is None:
+                return [list(r) for r in ids]
+            mask = mask.tolist() if isinstance(mask, torch.Tensor) else mask
+            mask = [mask] if mask and isinstance(mask[0], int) else mask
+            return [[t for t, m in zip(r, mr) if m] for r, mr in zip(ids, mask)]
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.tolist()
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            return [prompt]
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
+            return prompt
+        raise TypeError(
+            f"cannot use {type(prompt).__name__} as a prompt: give a string, a list of strings, "
+            "token ids (list or tensor) or a tokenizer output"
+        )
+
+    def _batch(self, inputs: list[tuple[tuple, dict]]) -> Batched:
+        rows: list[list[int]] = []
+        groups: list[Optional[tuple[int, int]]] = []
+        for args, kwargs in inputs:
+            if not args:
+                groups.append(None)
+                continue
+            mine = self._rows(args, kwargs)
+            groups.append((len(rows), len(mine)))
+            rows.extend(mine)
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
+        left = self.tokenizer is None or self.tokenizer.padding_side == "left"
+        ids = torch.full((len(rows), width), pad if pad is not None else 0, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            sl = slice(width - len(r), width) if left else slice(0, len(r))
+            ids[i, sl] = torch.tensor(r, dtype=torch.long)
+            mask[i, sl] = 1
+        device = self._module.device
+        return (), {"input_ids": ids.to(device), "attention_mask": mask.to(device)}, groups, len(rows)
+
+    def _forward(self, args: tuple, kwargs: dict) -> Any:
+        return self._module(*args, **kwargs)
+
+    def _generate(self, args: tuple, kwargs: dict) -> Any:
+        if self.tokenizer is not None and "pad_token_id" not in kwargs:
+            kwargs["pad_token_id"] = self.tokenizer.pad_token_id
+        return self._module.generate(*args, **kwargs)

@@ -1,0 +1,1 @@
+"""tracing layer of nnsight_dist (see DESIGN.md §3)."""

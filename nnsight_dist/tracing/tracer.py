@@ -1,0 +1,269 @@
+"""Tracers: the ``with`` blocks that run a model with interventions.
+
+``with model.trace(inputs) as tracer:`` captures its body (see :mod:`.capture`) and, when
+the block ends, runs it as the *trace body* mediator. ``with tracer.invoke(inputs):``
+blocks inside it become mediators of their own, each with its own rows of the batch; they
+are collected while the trace body runs up to its first request, then the model runs once
+on the batched inputs with every mediator interleaved. Saved names are written back into
+the caller's scope afterwards, also when the run failed.
+
+:class:`ScanningTracer` runs the same way on fake tensors (shapes, no compute);
+:class:`EditingTracer` stores its body as a default intervention of later traces.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+
+from ..intervention.cache import Cache, CacheDict
+from ..intervention.eproperty import eproperty
+from ..intervention.errors import NNsightError, NotTracingError
+from ..intervention.interleaver import Barrier, Interleaver
+from ..intervention.iteration import IteratorProxy, advance
+from ..intervention.mediator import Mediator
+from . import save as saving
+from .capture import SkipBody, capture, namespace, push_names, skip_body
+
+if TYPE_CHECKING:
+    from ..modeling.nnsight import NNsight
+
+_LAST = 1 << 30
+
+
+class EarlyStop(Exception):
+    """Raised by ``tracer.stop()`` to end the model run early (not an error)."""
+
+
+class _Block:
+    """A ``with`` block whose body is captured instead of executed."""
+
+    def __enter__(self) -> Any:
+        self._frame = sys._getframe(1)
+        self._body = capture(self._frame)
+        self._restore = skip_body(self._frame)
+        return self._entered()
+
+    def _entered(self) -> Any:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._restore()
+        if exc_type is None or not issubclass(exc_type, SkipBody):
+            return False
+        frame, self._frame = self._frame, None
+        self._captured(self._body.bind(namespace(frame)), frame)
+        return True
+
+    def _captured(self, fn: Callable[[], Any], frame) -> None:
+        raise NotImplementedError
+
+
+class Invoker(_Block):
+    """``tracer.invoke(inputs)``: one mediator with its own rows of the batch."""
+
+    def __init__(self, tracer: "InterleavingTracer", args: tuple, kwargs: dict) -> None:
+        self.tracer = tracer
+        self.args = args
+        self.kwargs = kwargs
+
+    def _captured(self, fn: Callable[[], Any], frame) -> None:
+        self.tracer._add_invoke(fn, self.args, self.kwargs)
+
+
+class InterleavingTracer(_Block):
+    """``model.trace(...)``: run the model once with the captured body interleaved."""
+
+    def __init__(
+        self,
+        model: "NNsight",
+        run: Callable[[tuple, dict], Any],
+        args: tuple,
+        kwargs: dict,
+        steps: Optional[int] = 1,
+    ) -> None:
+        self.model = model
+        self.interleaver: Interleaver = model.interleaver
+        self.path = ""
+        self._run = run
+        self._args = args
+        self._kwargs = kwargs
+        self._steps = steps
+        self._invokes: list[tuple[Callable, tuple, dict]] = []
+        self._started = False
+        self.interleaver._new_site("result")
+
+    # ------------------------------------------------------------------ user API
+
+    @eproperty(key="result")
+    def result(self):
+        """What the traced call returned (``generate``: the generated token ids)."""
+
+    def invoke(self, *args: Any, **kwargs: Any) -> Invoker:
+        """A block whose body runs on its own inputs, batched with the other invokes."""
+        return Invoker(self, args, kwargs)
+
+    def stop(self) -> None:
+        """End the model run here; values saved so far are kept."""
+        self.interleaver.stopped = True
+        raise EarlyStop()
+
+    @property
+    def iter(self) -> IteratorProxy:
+        """``for step in tracer.iter[0:3]``: constrain the body to generation steps."""
+        return IteratorProxy(self.interleaver, self._steps)
+
+    def all(self):
+        """Every generation step (``tracer.iter[:]``)."""
+        return self.iter[:]
+
+    def next(self, step: int = 1) -> None:
+        """Move the body on to the visit ``step`` generation steps later."""
+        advance(self.interleaver, step)
+
+    def barrier(self, n_participants: int) -> Barrier:
+        """A barrier for ``n_participants`` invokes: call it in each; all continue together."""
+        return Barrier(self.interleaver, n_participants)
+
+    def cache(
+        self,
+        modules: Optional[list[Union[Any, str]]] = None,
+        include_inputs: bool = False,
+        include_output: bool = True,
+        device: Any = "cpu",
+        dtype: Any = None,
+        detach: bool = True,
+        sharded: bool = False,
+    ) -> CacheDict:
+        """Record the chosen modules (all by default) at every visit; see :mod:`..intervention.cache`."""
+        il = self.interleaver
+        med = il.current
+        if med is None:
+            raise NotTracingError("tracer.cache(...) is only available inside a trace body")
+        cache = Cache(device=device, dtype=dtype, detach=detach)
+        targets = self.model.modules() if modules is None else [
+            self.model.get(m.removeprefix(self.model.path + ".")) if isinstance(m, str) else m
+            for m in modules
+        ]
+        group = med.group
+
+        def narrow(value: Any) -> Any:
+            return il.batcher.narrow(value, group)
+
+        for envoy in targets:
+            if include_output:
+                il.observe(f"{envoy.path}.output", cache.recorder(envoy.path, "output", narrow))
+            if include_inputs:
+                il.observe(f"{envoy.path}.input", cache.recorder(envoy.path, "inputs", narrow))
+        return saving.save(cache.cache)
+
+    # ------------------------------------------------------------------ running
+
+    def _add_invoke(self, fn: Callable, args: tuple, kwargs: dict) -> None:
+        if self._started:
+            raise NNsightError(
+                "tracer.invoke(...) came after the trace body had started the model; "
+                "declare every invoke before reading model values outside of invokes."
+            )
+        self._invokes.append((fn, args, kwargs))
+
+    def _captured(self, fn: Callable[[], Any], frame) -> None:
+        registry: dict[int, Any] = {}
+        saving._REGISTRIES.append(registry)
+        ns = fn.__globals__
+        try:
+            self._execute(fn)
+        finally:
+            saving._REGISTRIES.pop()
+            names = {
+                name: ns[name]
+                for name in self._body.names
+                if name in ns and id(ns[name]) in registry
+            }
+            push_names(frame, names)
+
+    def _execute(self, body: Callable[[], Any]) -> None:
+        il = self.interleaver
+        if il.active:
+            raise NNsightError("a trace is already running on this model: traces do not nest")
+        root = Mediator(body, None, "trace body")
+        root.index = _LAST
+        il.begin(None)
+        try:
+            il.mediators = [root]
+            il.start(root)
+            self._started = True
+            inputs = ([(self._args, {})] if self._args else []) + [(a, k) for _, a, k in self._invokes]
+            if not inputs:
+                raise NNsightError(
+                    "nothing to run: give inputs to the trace (`model.trace(inputs)`) or to "
+                    "at least one `tracer.invoke(inputs)`."
+                )
+            args, kwargs, groups, total = self.model._batch(inputs)
+            il.batcher.total = total
+            first = 1 if self._args else 0
+            mediators = [Mediator(fn, None, f"edit {i}") for i, fn in enumerate(self.model._edit_bodies())]
+            mediators += [
+                Mediator(fn, groups[first + i], f"invoke {i}") for i, (fn, _, _) in enumerate(self._invokes)
+            ]
+            for i, med in enumerate(mediators):
+                med.index = i
+            il.mediators = mediators + [root]
+            for med in mediators:
+                il.start(med)
+            self._go(args, {**kwargs, **self._kwargs})
+        finally:
+            il.end()
+
+    def _go(self, args: tuple, kwargs: dict) -> None:
+        il = self.interleaver
+        try:
+            result = self._run(args, kwargs)
+        except EarlyStop:
+            il.stopped = True
+        else:
+            il.handle("result", result)
+        il.finish()
+
+
+class ScanningTracer(InterleavingTracer):
+    """``model.scan(...)``: the trace runs on fake tensors; shapes without computation.
+
+    Every module's input and output seen during the scan stay readable afterwards
+    (``model.layer.output.shape`` outside a trace).
+    """
+
+    def _go(self, args: tuple, kwargs: dict) -> None:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        from ..intervention.batcher import map_tensors
+
+        il = self.interleaver
+        for envoy in self.model.modules():
+            envoy._fakes.clear()
+            il.observe(f"{envoy.path}.output", _recorder(envoy, "output"))
+            il.observe(f"{envoy.path}.input", _recorder(envoy, "input"))
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake_args = map_tensors(args, mode.from_tensor)
+            fake_kwargs = map_tensors(kwargs, mode.from_tensor)
+            super()._go(fake_args, fake_kwargs)
+
+
+def _recorder(envoy: Any, key: str) -> Callable[[Any, int], None]:
+    def record(value: Any, visit: int) -> None:
+        envoy._fakes[key] = value
+
+    return record
+
+
+class EditingTracer(_Block):
+    """``model.edit()``: the body becomes a default intervention of every later trace."""
+
+    def __init__(self, target: "NNsight") -> None:
+        self.target = target
+
+    def _entered(self) -> Any:
+        return self.target
+
+    def _captured(self, fn: Callable[[], Any], frame) -> None:
+        self.target._edits.append(fn)
