@@ -21,7 +21,7 @@ from .intervention.errors import (
 )
 from .modeling.language_model import LanguageModel
 from .modeling.nnsight import NNsight
-from .tracing.save import save
+from .intervention.save import save
 
 __version__ = "0.1.0"
 

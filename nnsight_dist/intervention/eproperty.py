@@ -22,6 +22,7 @@ import functools
 from typing import Any, Callable, Optional
 
 from .errors import NotTracingError
+from .save import saveable
 
 
 class eproperty:
@@ -87,7 +88,7 @@ class eproperty:
             value = self._preprocess(obj, value)
             if self._transform is not None and interleaver is not None and interleaver.active:
                 interleaver.set_transform(location, functools.partial(self._transform, value))
-        return value
+        return saveable(value)
 
     def __set__(self, obj: Any, value: Any) -> None:
         interleaver = obj.interleaver

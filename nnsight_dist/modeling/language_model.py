@@ -14,6 +14,7 @@ from typing import Any, Optional, Union
 import torch
 
 from ..intervention.envoy import Rename
+from ..intervention.save import add_save_method
 from ..tracing.tracer import InterleavingTracer
 from .nnsight import Batched, NNsight
 
@@ -38,6 +39,7 @@ class LanguageModel(NNsight):
     ) -> None:
         import transformers
 
+        add_save_method(transformers.utils.ModelOutput)
         if tp != 1 or pp != 1 or engine != "transformers":
             raise NotImplementedError(
                 "tensor/pipeline parallel loading is not available in this build: use tp=1, pp=1"

@@ -22,7 +22,7 @@ from ..intervention.errors import NNsightError, NotTracingError
 from ..intervention.interleaver import Barrier, Interleaver
 from ..intervention.iteration import IteratorProxy, advance
 from ..intervention.mediator import Mediator
-from . import save as saving
+from ..intervention import save as saving
 from .capture import SkipBody, capture, namespace, push_names, skip_body
 
 if TYPE_CHECKING:
@@ -92,6 +92,9 @@ class InterleavingTracer(_Block):
         self._invokes: list[tuple[Callable, tuple, dict]] = []
         self._started = False
         self.interleaver._new_site("result")
+
+    #: Write back every name the body binds, saved or not (scans hold no real values).
+    _keep_all = False
 
     # ------------------------------------------------------------------ user API
 
@@ -178,7 +181,7 @@ class InterleavingTracer(_Block):
             names = {
                 name: ns[name]
                 for name in self._body.names
-                if name in ns and id(ns[name]) in registry
+                if name in ns and (self._keep_all or id(ns[name]) in registry)
             }
             push_names(frame, names)
 
@@ -230,8 +233,11 @@ class ScanningTracer(InterleavingTracer):
     """``model.scan(...)``: the trace runs on fake tensors; shapes without computation.
 
     Every module's input and output seen during the scan stay readable afterwards
-    (``model.layer.output.shape`` outside a trace).
+    (``model.layer.output.shape`` outside a trace). Every name the body binds is kept,
+    saved or not.
     """
+
+    _keep_all = True
 
     def _go(self, args: tuple, kwargs: dict) -> None:
         from torch._subclasses.fake_tensor import FakeTensorMode

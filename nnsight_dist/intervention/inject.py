@@ -1,0 +1,333 @@
+"""Operations inside a function: the AST rewriting behind ``.source``.
+
+An *operation* is one call expression in the body of a function, typically a module's
+``forward``: ``self.q_proj(hidden_states)``, ``attn_output.reshape(...)``,
+``torch.nn.functional.softmax(...)``. :func:`inject` recompiles the function so that every
+operation goes through a caller-supplied ``call(name, f, args, kwargs)``, which receives
+the operation's name, the callee and its evaluated arguments and returns the operation's
+value. The caller can observe or replace inputs and outputs there; the default caller,
+:func:`call_through`, just returns ``f(*args, **kwargs)`` and leaves behaviour unchanged.
+
+Naming (nnsight's convention): the callee as a dotted name with ``.`` replaced by ``_``,
+plus ``_<k>`` where ``k`` counts earlier operations with the same base name (0-based).
+
+==================================  =============================================
+``self.q_proj(x)``                  ``self_q_proj_0``
+``attention_interface(...)``        ``attention_interface_0``
+``torch.nn.functional.softmax(x)``  ``torch_nn_functional_softmax_0``
+``x.view(s).contiguous()``          ``contiguous_0`` (outer), ``x_view_0`` (inner)
+``self.layers[i](x)``               ``self_layers_0`` (subscripted callee: its value)
+``f(a)(b)``, ``(lambda: 1)()``      ``call_0`` (any other callee)
+==================================  =============================================
+
+Order: operations are numbered by where they start in the source (line, then column);
+when several start at the same place (a chain such as ``self.q_proj(x).view(s)``) the
+outer call comes first. This is source order, not execution order: in
+``self.q_proj(x).view(s)`` the op ``view_0`` is listed before ``self_q_proj_0`` although
+it runs after it.
+
+What is rewritten: every call in the function body, including calls inside nested
+functions, lambdas, comprehensions and nested decorators/defaults (such operations may
+run zero or many times per call). Not rewritten: calls inside annotations (never run),
+the function's own decorators, defaults and annotations (not part of the body), and calls
+to the frame-sensitive builtins ``super``, ``locals``, ``globals``, ``vars``, ``dir``,
+``eval`` and ``exec`` by bare name, which must run in the function's own frame (so
+zero-argument ``super()`` keeps working; ``super().forward(x)`` is still the operation
+``forward_0``). Code that inspects its caller's frame in other ways
+(``sys._getframe``) sees the ``call`` function instead.
+
+Semantics kept: evaluation order (callee, then positional args, then keyword args),
+starred and double-starred arguments (duplicate keywords still raise ``TypeError``),
+closures (the new function shares the original closure cells), defaults and
+keyword-only defaults, private-name mangling, ``__future__`` flags, and globals (the new
+function runs on the original module's ``__globals__`` dict itself; ``call`` is passed
+through a closure cell, so nothing is added to the module).
+
+Decorators: the function is unwrapped to the innermost ``__wrapped__`` function and its
+decorators are stripped. Decorator behaviour is *dropped* for injected functions: e.g.
+transformers' ``@can_return_tuple``, ``@merge_with_config_defaults`` and
+``@capture_outputs`` no longer apply, and ``GradientCheckpointingLayer`` subclasses lose
+their gradient-checkpointing ``forward`` wrapper.
+
+Tracebacks: the code is compiled under the file name ``<nnsight_dist.source {path}>``,
+registered in :mod:`linecache` with the original source text, so tracebacks through an
+injected function show its lines.
+"""
+
+from __future__ import annotations
+
+import __future__
+import ast
+import inspect
+import linecache
+import types
+from collections import defaultdict
+from typing import Any, Callable
+
+__all__ = ["inject", "call_through", "format_source", "format_operation", "CallFn"]
+
+#: ``call(name, f, args, kwargs) -> value`` of the operation.
+CallFn = Callable[[str, Callable[..., Any], tuple, dict], Any]
+
+_CALL = "__nd_call__"
+_KW = "__nd_kw__"
+_FACTORY = "__nd_factory__"
+_FRAME_SENSITIVE = frozenset({"super", "locals", "globals", "vars", "dir", "eval", "exec"})
+_SKIPPED_FIELDS = frozenset({"annotation", "returns", "type_comment"})
+_FUTURE_MASK = 0
+for _feature in __future__.all_feature_names:
+    _FUTURE_MASK |= getattr(__future__, _feature).compiler_flag
+
+
+def call_through(name: str, f: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """The default caller: run the operation unchanged."""
+    return f(*args, **kwargs)
+
+
+def _merge_kwargs(*parts: Any) -> dict:
+    """Merge keyword groups and ``**`` mappings like a call does (duplicates raise)."""
+    out: dict = {}
+    for part in parts:
+        if not hasattr(part, "keys"):
+            raise TypeError(f"argument after ** must be a mapping, not {type(part).__name__}")
+        for key in part.keys():
+            if not isinstance(key, str):
+                raise TypeError("keywords must be strings")
+            if key in out:
+                raise TypeError(f"got multiple values for keyword argument '{key}'")
+            out[key] = part[key]
+    return out
+
+
+def _dotted(node: ast.expr) -> str | None:
+    """``a.b.c`` -> ``"a_b_c"``; ``None`` unless a chain of attributes on a name."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        base = _dotted(node.value)
+        return None if base is None else f"{base}_{node.attr}"
+    return None
+
+
+def _base_name(func: ast.expr) -> str:
+    """The operation base name of a callee expression (see the module docstring)."""
+    dotted = _dotted(func)
+    if dotted is not None:
+        return dotted
+    if isinstance(func, ast.Attribute):
+        return func.attr
+    if isinstance(func, ast.Subscript):
+        return _base_name(func.value)
+    return "call"
+
+
+def _calls(node: ast.AST) -> list[ast.Call]:
+    """Calls under ``node`` to rewrite (annotations and frame-sensitive builtins left out)."""
+    found: list[ast.Call] = []
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if isinstance(current, ast.Call) and not (
+            isinstance(current.func, ast.Name) and current.func.id in _FRAME_SENSITIVE
+        ):
+            found.append(current)
+        for field, value in ast.iter_fields(current):
+            if field in _SKIPPED_FIELDS:
+                continue
+            items = value if isinstance(value, list) else [value]
+            stack.extend(item for item in items if isinstance(item, ast.AST))
+    return found
+
+
+class _Rewriter(ast.NodeTransformer):
+    """Replaces each named call ``f(*a, **k)`` by ``__nd_call__(name, f, (*a,), {**k})``."""
+
+    def visit_Call(self, node: ast.Call) -> ast.expr:
+        self.generic_visit(node)
+        name = getattr(node, "_nd_name", None)
+        if name is None:
+            return node
+        args = ast.Tuple(elts=node.args, ctx=ast.Load())
+        if any(kw.arg is None for kw in node.keywords):
+            # __nd_kw__({named...}, mapping, {named...}, ...): groups in source order.
+            parts: list[ast.expr] = []
+            group: ast.Dict | None = None
+            for kw in node.keywords:
+                if kw.arg is None:
+                    parts.append(kw.value)
+                    group = None
+                    continue
+                if group is None:
+                    group = ast.Dict(keys=[], values=[])
+                    parts.append(group)
+                group.keys.append(ast.Constant(kw.arg))
+                group.values.append(kw.value)
+            kwargs: ast.expr = ast.Call(ast.Name(_KW, ast.Load()), parts, [])
+        else:
+            kwargs = ast.Dict(
+                keys=[ast.Constant(kw.arg) for kw in node.keywords],
+                values=[kw.value for kw in node.keywords],
+            )
+        new = ast.Call(ast.Name(_CALL, ast.Load()), [ast.Constant(name), node.func, args, kwargs], [])
+        # Synthetic nodes take the original call's position (tracebacks point at the call).
+        return ast.fix_missing_locations(ast.copy_location(new, node))
+
+
+def _parse_def(fn: types.FunctionType) -> tuple[ast.FunctionDef | ast.AsyncFunctionDef, list[str]]:
+    """The ``def`` of ``fn`` (decorators removed, line 1 = the ``def`` line) and its raw lines."""
+    text = inspect.getsource(fn)
+    wrapped = text[:1] in (" ", "\t")
+    tree = ast.parse("if 1:\n" + text if wrapped else text)
+    node = tree.body[0].body[0] if wrapped else tree.body[0]  # type: ignore[attr-defined]
+    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name != fn.__code__.co_name:
+        raise ValueError(f"cannot inject {fn.__qualname__}: only functions defined with 'def' are supported")
+    node.decorator_list = []
+    first = node.lineno - (2 if wrapped else 1)  # 0-based index of the def line in `text`
+    ast.increment_lineno(node, -(node.lineno - 1))
+    return node, text.splitlines()[first:]
+
+
+def _dedent(lines: list[str]) -> str:
+    """Strip the ``def`` line's indentation from every line that carries it."""
+    indent = lines[0][: len(lines[0]) - len(lines[0].lstrip())]
+    out = []
+    for line in lines:
+        if line.startswith(indent):
+            line = line[len(indent):]
+        out.append(line if line.strip() else "")
+    return "\n".join(out) + "\n"
+
+
+def _owner_class(qualname: str) -> str | None:
+    """The class a method was defined in, from its qualname (``None`` if not a method)."""
+    parts = qualname.split(".")
+    if len(parts) >= 2 and parts[-2] != "<locals>" and parts[-2].isidentifier():
+        return parts[-2]
+    return None
+
+
+def inject(fn: Callable[..., Any], path: str, call: CallFn = call_through) -> tuple[str, dict[str, int], Callable[..., Any]]:
+    """Rewrite ``fn`` so that every call operation in its body goes through ``call``.
+
+    ``fn`` is a function or a bound method (e.g. ``module.forward``); wrappers are followed
+    down ``__wrapped__`` (:func:`inspect.unwrap`) and decorators are dropped. ``path`` only
+    names the compiled code (``<nnsight_dist.source {path}>``). ``call(name, f, args,
+    kwargs)`` must return the operation's value.
+
+    Returns ``(source, line_numbers, new_fn)``: ``source`` is the dedented source of the
+    function without decorators; ``line_numbers`` maps each operation name to the 0-based
+    line in ``source`` where the call starts, in source order; ``new_fn`` is a plain
+    function with the signature of the unwrapped function (for a bound method the unbound
+    function, taking ``self`` first; bind it with :class:`types.MethodType`). With the
+    default ``call`` it behaves exactly like the unwrapped function.
+
+    Raises ``TypeError`` if ``fn`` is not a Python function or method, ``OSError`` if its
+    source is unavailable, ``ValueError`` if it is a lambda or uses the reserved names.
+    """
+    func = fn.__func__ if inspect.ismethod(fn) else fn
+    func = inspect.unwrap(func)
+    if not isinstance(func, types.FunctionType):
+        raise TypeError(f"cannot inject {fn!r}: not a Python function or method")
+    node, raw_lines = _parse_def(func)
+    if any(isinstance(n, ast.Name) and n.id in (_CALL, _KW, _FACTORY) for n in ast.walk(node)):
+        raise ValueError(f"cannot inject {func.__qualname__}: it uses a reserved name ({_CALL}, {_KW})")
+
+    # Name the operations in source order (outer call first at a shared start position).
+    calls = [c for stmt in node.body for c in _calls(stmt)]
+    calls.sort(key=lambda c: (c.lineno, c.col_offset, -c.end_lineno, -c.end_col_offset))  # type: ignore[operator]
+    counts: dict[str, int] = defaultdict(int)
+    line_numbers: dict[str, int] = {}
+    for c in calls:
+        base = _base_name(c.func)
+        name = f"{base}_{counts[base]}"
+        counts[base] += 1
+        c._nd_name = name  # type: ignore[attr-defined]
+        line_numbers[name] = c.lineno - 1
+    node.body = [_Rewriter().visit(stmt) for stmt in node.body]
+
+    # def __nd_factory__(<free vars>, __nd_call__, __nd_kw__): <def fn>; return fn
+    # wrapped in `class <Owner>:` when fn is a method, so private names mangle as before.
+    # (An injected function's own reserved cells are not carried over: it unwraps to its
+    # original anyway, through __wrapped__, but be safe if given one directly.)
+    freevars = tuple(n for n in func.__code__.co_freevars if n not in (_CALL, _KW))
+    factory_args = ast.arguments(
+        posonlyargs=[], args=[ast.arg(n) for n in (*freevars, _CALL, _KW)], vararg=None,
+        kwonlyargs=[], kw_defaults=[], kwarg=None, defaults=[],
+    )
+    factory = ast.FunctionDef(
+        name=_FACTORY, args=factory_args, decorator_list=[], returns=None,
+        body=[node, ast.Return(ast.Name(node.name, ast.Load()))],
+    )
+    outer: ast.stmt = factory
+    owner = _owner_class(func.__qualname__)
+    if owner is not None:
+        outer = ast.ClassDef(name=owner, bases=[], keywords=[], body=[factory], decorator_list=[])
+    module = ast.fix_missing_locations(ast.Module(body=[outer], type_ignores=[]))
+
+    filename = f"<nnsight_dist.source {path}>"
+    flags = func.__code__.co_flags & _FUTURE_MASK
+    code = compile(module, filename, "exec", flags=flags, dont_inherit=True)
+    for step in ([owner] if owner else []) + [_FACTORY, node.name]:  # class body, factory, fn
+        code = next(c for c in code.co_consts if isinstance(c, types.CodeType) and c.co_name == step)
+    if hasattr(code, "co_qualname"):
+        code = code.replace(co_qualname=func.__qualname__)
+
+    cells = dict(zip(freevars, func.__closure__ or ()))
+    cells[_CALL] = types.CellType(call)
+    cells[_KW] = types.CellType(_merge_kwargs)
+    closure = tuple(cells.get(n, types.CellType()) for n in code.co_freevars)
+    new_fn = types.FunctionType(code, func.__globals__, func.__name__, func.__defaults__, closure or None)
+    new_fn.__kwdefaults__ = dict(func.__kwdefaults__) if func.__kwdefaults__ else None
+    new_fn.__annotations__ = dict(func.__annotations__)
+    new_fn.__dict__.update(func.__dict__)
+    new_fn.__qualname__ = func.__qualname__
+    new_fn.__module__ = func.__module__
+    new_fn.__doc__ = func.__doc__
+    new_fn.__wrapped__ = func  # re-injecting new_fn starts again from the original
+
+    raw = "\n".join(raw_lines) + "\n"
+    linecache.cache[filename] = (len(raw), None, raw.splitlines(keepends=True), filename)
+    return _dedent(raw_lines), line_numbers, new_fn
+
+
+def format_source(source: str, line_numbers: dict[str, int]) -> str:
+    """A listing of ``source`` with each line's operations, an arrow and the line index.
+
+    A line on which operations start reads ``"  <name> -> <index> <line>"`` (names padded
+    to the longest one, indices right-aligned); further operations starting on the same
+    line get a continuation row ``"  <name> -> + ..."``; other lines show only the index,
+    aligned. Trailing whitespace is stripped.
+    """
+    lines = source.splitlines()
+    by_line: dict[int, list[str]] = defaultdict(list)
+    for name, line in line_numbers.items():
+        by_line[line].append(name)
+    width = max((len(name) for name in line_numbers), default=0)
+    digits = len(str(max(len(lines) - 1, 0)))
+    rows = []
+    for index, text in enumerate(lines):
+        names = by_line.get(index, [])
+        if not names:
+            rows.append(f"  {'':<{width}}    {index:>{digits}} {text}".rstrip())
+            continue
+        rows.append(f"  {names[0]:<{width}} -> {index:>{digits}} {text}".rstrip())
+        rows.extend(f"  {name:<{width}} -> {'+':>{digits}} ..." for name in names[1:])
+    return "\n".join(rows)
+
+
+def format_operation(name: str, source: str, line: int, context: int = 4) -> str:
+    """``name`` (the operation's full name) then ``context`` lines around ``line`` of ``source``.
+
+    The operation's line reads ``"--> <index> <line>  <--"``; the others ``"    <index> <line>"``
+    (trailing whitespace stripped), indices right-aligned.
+    """
+    lines = source.splitlines()
+    start, stop = max(0, line - context), min(len(lines), line + context + 1)
+    digits = len(str(max(stop - 1, 0)))
+    rows = [f"{name}:", ""]
+    for index in range(start, stop):
+        if index == line:
+            rows.append(f"--> {index:>{digits}} {lines[index]}  <--")
+        else:
+            rows.append(f"    {index:>{digits}} {lines[index]}".rstrip())
+    return "\n".join(rows)

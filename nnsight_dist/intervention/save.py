@@ -1,0 +1,66 @@
+"""``save``: mark a value to outlive its trace.
+
+Names bound inside a trace body are dropped when the block ends, except those whose value
+was saved: ``h = model.layer.output.save()`` or ``steps = nd.save([])``. A saved value is
+registered with the innermost running trace, which writes the saved names back into the
+caller's scope when the block ends.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+#: Saved objects of each running trace (innermost last), keyed by id.
+_REGISTRIES: list[dict[int, Any]] = []
+
+
+def save(obj: T) -> T:
+    """Keep ``obj`` after the trace; returns ``obj`` itself. Outside a trace it is a no-op."""
+    if _REGISTRIES:
+        _REGISTRIES[-1][id(obj)] = obj
+    return obj
+
+
+def _method_save(self: T) -> T:
+    """Keep this value after the trace (``value.save()``); returns the value."""
+    return save(self)
+
+
+def add_save_method(cls: type) -> None:
+    """Give instances of ``cls`` a ``.save()`` method (tensors, model outputs)."""
+    if not hasattr(cls, "save"):
+        cls.save = _method_save
+
+
+class SaveableTuple(tuple):
+    """A tuple served to a body, with ``.save()`` like a tensor."""
+
+    save = _method_save
+
+
+class SaveableList(list):
+    """A list served to a body, with ``.save()`` like a tensor."""
+
+    save = _method_save
+
+
+class SaveableDict(dict):
+    """A dict served to a body, with ``.save()`` like a tensor."""
+
+    save = _method_save
+
+
+_SAVEABLE = {tuple: SaveableTuple, list: SaveableList, dict: SaveableDict}
+
+
+def saveable(value: Any) -> Any:
+    """``value``, as a type with ``.save()`` when it is a plain tuple, list or dict."""
+    cls = _SAVEABLE.get(type(value))
+    return value if cls is None else cls(value)
+
+
+add_save_method(torch.Tensor)
