@@ -25,35 +25,9 @@ from .interleaver import Interleaver
 Rename = dict[str, Union[str, list[str]]]
 
 
-class Envoy:
-    """Proxy of one module; see the module docstring."""
-
-    def __init__(
-        self,
-        module: torch.nn.Module,
-        interleaver: Optional[Interleaver] = None,
-        path: str = "model",
-        rename: Optional[Rename] = None,
-    ) -> None:
-        root = interleaver is None
-        self.__dict__["path"] = path
-        self.__dict__["_module"] = module
-        self.__dict__["interleaver"] = interleaver if interleaver is not None else Interleaver()
-        self.__dict__["_children"] = []
-        self.__dict__["_named"] = {}
-        self.__dict__["_fakes"] = {}
-        self.__dict__["_source"] = None
-        self.__dict__["_rename"] = rename
-        self.__dict__["_aliases"] = {}
-        self._point = self.interleaver.wrap_module(module, path, root=root)
-        for name, child in module.named_children():
-            envoy = Envoy(child, self.interleaver, f"{path}.{name}", rename)
-            self._children.append(envoy)
-            self._named[name] = envoy
-        if rename:
-            self._build_aliases(rename)
-
-    # ------------------------------------------------------------------ values
+class Interventions:
+    """What a location-bearing proxy offers inside a trace: ``.output``, ``.inputs``,
+    ``.input`` and ``.skip``. Needs ``path`` and ``interleaver`` attributes."""
 
     @eproperty(key="output")
     def output(self):
@@ -83,6 +57,35 @@ class Envoy:
     def skip(self, value: Any) -> None:
         """Do not run this module at its next visit; use ``value`` as its output."""
         self.interleaver.skip(self.path, value)
+
+
+class Envoy(Interventions):
+    """Proxy of one module; see the module docstring."""
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        interleaver: Optional[Interleaver] = None,
+        path: str = "model",
+        rename: Optional[Rename] = None,
+    ) -> None:
+        root = interleaver is None
+        self.__dict__["path"] = path
+        self.__dict__["_module"] = module
+        self.__dict__["interleaver"] = interleaver if interleaver is not None else Interleaver()
+        self.__dict__["_children"] = []
+        self.__dict__["_named"] = {}
+        self.__dict__["_fakes"] = {}
+        self.__dict__["_source"] = None
+        self.__dict__["_rename"] = rename
+        self.__dict__["_aliases"] = {}
+        self._point = self.interleaver.wrap_module(module, path, root=root)
+        for name, child in module.named_children():
+            envoy = Envoy(child, self.interleaver, f"{path}.{name}", rename)
+            self._children.append(envoy)
+            self._named[name] = envoy
+        if rename:
+            self._build_aliases(rename)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Call the module. Inside a trace this is an ad-hoc call: no visits, no hooks."""
@@ -151,10 +154,8 @@ class Envoy:
         )
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(type(self).__dict__.get(name), (eproperty, property)) or name in Envoy.__dict__:
+        if hasattr(type(self), name) or name in self.__dict__ or name.startswith("_"):
             object.__setattr__(self, name, value)
-        elif name in self.__dict__ or name.startswith("_"):
-            self.__dict__[name] = value
         else:
             setattr(self._module, name, value)
 

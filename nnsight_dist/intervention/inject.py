@@ -10,21 +10,25 @@ value. The caller can observe or replace inputs and outputs there; the default c
 
 Naming (nnsight's convention): the callee as a dotted name with ``.`` replaced by ``_``,
 plus ``_<k>`` where ``k`` counts earlier operations with the same base name (0-based).
+When the callee's attribute chain does not start at a plain name, only the attributes
+after the non-name part are kept; a callee that is not an attribute or a name at all is
+``unknown``.
 
 ==================================  =============================================
 ``self.q_proj(x)``                  ``self_q_proj_0``
 ``attention_interface(...)``        ``attention_interface_0``
 ``torch.nn.functional.softmax(x)``  ``torch_nn_functional_softmax_0``
-``x.view(s).contiguous()``          ``contiguous_0`` (outer), ``x_view_0`` (inner)
-``self.layers[i](x)``               ``self_layers_0`` (subscripted callee: its value)
-``f(a)(b)``, ``(lambda: 1)()``      ``call_0`` (any other callee)
+``x.view(s).contiguous()``          ``x_view_0`` (inner), ``contiguous_0`` (outer)
+``self.layers[0].mlp.fc(x)``        ``mlp_fc_0``
+``self.layers[0](x)``, ``f()()``    ``unknown_0`` (and ``f_0`` for the inner call)
 ==================================  =============================================
 
-Order: operations are numbered by where they start in the source (line, then column);
-when several start at the same place (a chain such as ``self.q_proj(x).view(s)``) the
-outer call comes first. This is source order, not execution order: in
-``self.q_proj(x).view(s)`` the op ``view_0`` is listed before ``self_q_proj_0`` although
-it runs after it.
+Order (as in nnsight): a post-order walk of the syntax tree, children in field order, so
+a call is numbered after the calls inside it: after those in its callee, then those in
+its arguments from left to right. For ordinary straight-line code this is the order in
+which the operations run (``self.q_proj(x).view(s)``: ``self_q_proj_0`` then ``view_0``;
+``x.view(a).view(b)``: the inner call is ``view_0``). ``line_numbers`` keeps this order,
+so its line indices need not increase when a call spans several lines.
 
 What is rewritten: every call in the function body, including calls inside nested
 functions, lambdas, comprehensions and nested decorators/defaults (such operations may
@@ -99,44 +103,42 @@ def _merge_kwargs(*parts: Any) -> dict:
     return out
 
 
-def _dotted(node: ast.expr) -> str | None:
-    """``a.b.c`` -> ``"a_b_c"``; ``None`` unless a chain of attributes on a name."""
-    if isinstance(node, ast.Name):
-        return node.id
-    if isinstance(node, ast.Attribute):
-        base = _dotted(node.value)
-        return None if base is None else f"{base}_{node.attr}"
-    return None
-
-
 def _base_name(func: ast.expr) -> str:
     """The operation base name of a callee expression (see the module docstring)."""
-    dotted = _dotted(func)
-    if dotted is not None:
-        return dotted
-    if isinstance(func, ast.Attribute):
-        return func.attr
-    if isinstance(func, ast.Subscript):
-        return _base_name(func.value)
-    return "call"
+    if isinstance(func, ast.Name):
+        return func.id
+    if not isinstance(func, ast.Attribute):
+        return "unknown"
+    parts: list[str] = []
+    node: ast.expr = func
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        parts.append(node.id)
+    return "_".join(reversed(parts))
 
 
-def _calls(node: ast.AST) -> list[ast.Call]:
-    """Calls under ``node`` to rewrite (annotations and frame-sensitive builtins left out)."""
-    found: list[ast.Call] = []
-    stack = [node]
-    while stack:
-        current = stack.pop()
-        if isinstance(current, ast.Call) and not (
-            isinstance(current.func, ast.Name) and current.func.id in _FRAME_SENSITIVE
-        ):
-            found.append(current)
-        for field, value in ast.iter_fields(current):
-            if field in _SKIPPED_FIELDS:
-                continue
-            items = value if isinstance(value, list) else [value]
-            stack.extend(item for item in items if isinstance(item, ast.AST))
-    return found
+def _name_calls(node: ast.AST, counts: dict[str, int], line_numbers: dict[str, int]) -> None:
+    """Name the calls under ``node``, post-order (inner calls first), as ``_nd_name``.
+
+    Annotations are skipped (never run); frame-sensitive builtins are not named, but the
+    calls in their arguments are.
+    """
+    for field, value in ast.iter_fields(node):
+        if field in _SKIPPED_FIELDS:
+            continue
+        for child in value if isinstance(value, list) else [value]:
+            if isinstance(child, ast.AST):
+                _name_calls(child, counts, line_numbers)
+    if isinstance(node, ast.Call) and not (
+        isinstance(node.func, ast.Name) and node.func.id in _FRAME_SENSITIVE
+    ):
+        base = _base_name(node.func)
+        name = f"{base}_{counts[base]}"
+        counts[base] += 1
+        node._nd_name = name  # type: ignore[attr-defined]
+        line_numbers[name] = node.lineno - 1
 
 
 class _Rewriter(ast.NodeTransformer):
@@ -199,14 +201,21 @@ def _dedent(lines: list[str]) -> str:
 
 
 def _owner_class(qualname: str) -> str | None:
-    """The class a method was defined in, from its qualname (``None`` if not a method)."""
+    """The innermost class enclosing a function, from its qualname (``None`` if none).
+
+    In ``A.f.<locals>.B.g`` a part followed by ``<locals>`` is a function, any other
+    part but the last is a class: here ``B``; for ``A.f.<locals>.g`` it is ``A``.
+    """
     parts = qualname.split(".")
-    if len(parts) >= 2 and parts[-2] != "<locals>" and parts[-2].isidentifier():
-        return parts[-2]
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i] != "<locals>" and parts[i + 1] != "<locals>" and parts[i].isidentifier():
+            return parts[i]
     return None
 
 
-def inject(fn: Callable[..., Any], path: str, call: CallFn = call_through) -> tuple[str, dict[str, int], Callable[..., Any]]:
+def inject(
+    fn: Callable[..., Any], path: str, call: CallFn = call_through
+) -> tuple[str, dict[str, int], Callable[..., Any]]:
     """Rewrite ``fn`` so that every call operation in its body goes through ``call``.
 
     ``fn`` is a function or a bound method (e.g. ``module.forward``); wrappers are followed
@@ -216,7 +225,8 @@ def inject(fn: Callable[..., Any], path: str, call: CallFn = call_through) -> tu
 
     Returns ``(source, line_numbers, new_fn)``: ``source`` is the dedented source of the
     function without decorators; ``line_numbers`` maps each operation name to the 0-based
-    line in ``source`` where the call starts, in source order; ``new_fn`` is a plain
+    line in ``source`` where the call starts, in naming order (see the module docstring:
+    post-order, as in nnsight); ``new_fn`` is a plain
     function with the signature of the unwrapped function (for a bound method the unbound
     function, taking ``self`` first; bind it with :class:`types.MethodType`). With the
     default ``call`` it behaves exactly like the unwrapped function.
@@ -232,23 +242,15 @@ def inject(fn: Callable[..., Any], path: str, call: CallFn = call_through) -> tu
     if any(isinstance(n, ast.Name) and n.id in (_CALL, _KW, _FACTORY) for n in ast.walk(node)):
         raise ValueError(f"cannot inject {func.__qualname__}: it uses a reserved name ({_CALL}, {_KW})")
 
-    # Name the operations in source order (outer call first at a shared start position).
-    calls = [c for stmt in node.body for c in _calls(stmt)]
-    calls.sort(key=lambda c: (c.lineno, c.col_offset, -c.end_lineno, -c.end_col_offset))  # type: ignore[operator]
     counts: dict[str, int] = defaultdict(int)
     line_numbers: dict[str, int] = {}
-    for c in calls:
-        base = _base_name(c.func)
-        name = f"{base}_{counts[base]}"
-        counts[base] += 1
-        c._nd_name = name  # type: ignore[attr-defined]
-        line_numbers[name] = c.lineno - 1
+    for stmt in node.body:
+        _name_calls(stmt, counts, line_numbers)
     node.body = [_Rewriter().visit(stmt) for stmt in node.body]
 
     # def __nd_factory__(<free vars>, __nd_call__, __nd_kw__): <def fn>; return fn
     # wrapped in `class <Owner>:` when fn is a method, so private names mangle as before.
-    # (An injected function's own reserved cells are not carried over: it unwraps to its
-    # original anyway, through __wrapped__, but be safe if given one directly.)
+    # (Reserved names are filtered in case an injected function is given without __wrapped__.)
     freevars = tuple(n for n in func.__code__.co_freevars if n not in (_CALL, _KW))
     factory_args = ast.arguments(
         posonlyargs=[], args=[ast.arg(n) for n in (*freevars, _CALL, _KW)], vararg=None,
@@ -295,8 +297,8 @@ def format_source(source: str, line_numbers: dict[str, int]) -> str:
 
     A line on which operations start reads ``"  <name> -> <index> <line>"`` (names padded
     to the longest one, indices right-aligned); further operations starting on the same
-    line get a continuation row ``"  <name> -> + ..."``; other lines show only the index,
-    aligned. Trailing whitespace is stripped.
+    line get a continuation row ``"  <name> -> + ..."`` (``...`` at the line's
+    indentation); other lines show only the index, aligned. Trailing whitespace is stripped.
     """
     lines = source.splitlines()
     by_line: dict[int, list[str]] = defaultdict(list)
@@ -311,7 +313,8 @@ def format_source(source: str, line_numbers: dict[str, int]) -> str:
             rows.append(f"  {'':<{width}}    {index:>{digits}} {text}".rstrip())
             continue
         rows.append(f"  {names[0]:<{width}} -> {index:>{digits}} {text}".rstrip())
-        rows.extend(f"  {name:<{width}} -> {'+':>{digits}} ..." for name in names[1:])
+        indent = text[: len(text) - len(text.lstrip())]
+        rows.extend(f"  {name:<{width}} -> {'+':>{digits}} {indent}..." for name in names[1:])
     return "\n".join(rows)
 
 

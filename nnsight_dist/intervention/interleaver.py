@@ -120,19 +120,21 @@ class Interleaver:
         module.forward = forward
         return point
 
-    def operation(self, path: str) -> Callable[[str, Callable, tuple, dict], Any]:
-        """The ``call`` function for ``.source`` operations of the module at ``path``."""
+    def operation(self, path: str, names: list[str]) -> Callable[[str, Callable, tuple, dict], Any]:
+        """Register the ``.source`` operations ``names`` of the module at ``path`` as call
+        points, and return the ``call`` function their rewritten forward goes through."""
+        points = {}
+        for name in names:
+            full = f"{path}.{name}"
+            points[name] = self.points[full] = CallPoint(
+                full, None, self._new_site(full + ".input"), self._new_site(full + ".output"), False
+            )
         interleaver = self
 
         def call(name: str, fn: Callable, args: tuple, kwargs: dict) -> Any:
-            if not interleaver.active or interleaver.paused:
-                return fn(*args, **kwargs)
-            full = f"{path}.{name}"
-            point = interleaver.points.get(full)
-            if point is None:
-                point = CallPoint(full, fn, self._new_site(full + ".input"), self._new_site(full + ".output"), False)
-                interleaver.points[full] = point
-            return interleaver.visit(point, fn, args, kwargs)
+            if interleaver.active and not interleaver.paused:
+                return interleaver.visit(points[name], fn, args, kwargs)
+            return fn(*args, **kwargs)
 
         return call
 
