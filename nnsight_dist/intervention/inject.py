@@ -27,8 +27,11 @@ Order (as in nnsight): a post-order walk of the syntax tree, children in field o
 a call is numbered after the calls inside it: after those in its callee, then those in
 its arguments from left to right. For ordinary straight-line code this is the order in
 which the operations run (``self.q_proj(x).view(s)``: ``self_q_proj_0`` then ``view_0``;
-``x.view(a).view(b)``: the inner call is ``view_0``). ``line_numbers`` keeps this order,
-so its line indices need not increase when a call spans several lines.
+``x.view(a).view(b)``: the inner call is ``view_0``); exceptions are comprehensions (the
+element is numbered before the iterable) and assignments (target before value).
+``line_numbers`` keeps this order, so its line indices need not increase when a call
+spans several lines. Line indices count the ``def`` line as 0 (nnsight counts from the
+line after it).
 
 What is rewritten: every call in the function body, including calls inside nested
 functions, lambdas, comprehensions and nested decorators/defaults (such operations may
@@ -44,8 +47,10 @@ Semantics kept: evaluation order (callee, then positional args, then keyword arg
 starred and double-starred arguments (duplicate keywords still raise ``TypeError``),
 closures (the new function shares the original closure cells), defaults and
 keyword-only defaults, private-name mangling, ``__future__`` flags, and globals (the new
-function runs on the original module's ``__globals__`` dict itself; ``call`` is passed
-through a closure cell, so nothing is added to the module).
+function runs on the original module's ``__globals__`` dict itself). ``call`` is neither
+a global nor a closure variable: the generated code calls a placeholder constant that is
+replaced by ``call`` in the compiled code objects, so nothing is added to the module and
+``locals()`` inside the function shows only its own variables.
 
 Decorators: the function is unwrapped to the innermost ``__wrapped__`` function and its
 decorators are stripped. Decorator behaviour is *dropped* for injected functions: e.g.
@@ -65,6 +70,7 @@ import ast
 import inspect
 import linecache
 import types
+import warnings
 from collections import defaultdict
 from typing import Any, Callable
 
@@ -73,8 +79,9 @@ __all__ = ["inject", "call_through", "format_source", "format_operation", "CallF
 #: ``call(name, f, args, kwargs) -> value`` of the operation.
 CallFn = Callable[[str, Callable[..., Any], tuple, dict], Any]
 
-_CALL = "__nd_call__"
-_KW = "__nd_kw__"
+# Placeholder constants in the generated code, swapped for `call` / `_merge_kwargs`.
+_CALL = "\0nnsight_dist.call"
+_KW = "\0nnsight_dist.merge_kwargs"
 _FACTORY = "__nd_factory__"
 _FRAME_SENSITIVE = frozenset({"super", "locals", "globals", "vars", "dir", "eval", "exec"})
 _SKIPPED_FIELDS = frozenset({"annotation", "returns", "type_comment"})
@@ -142,7 +149,11 @@ def _name_calls(node: ast.AST, counts: dict[str, int], line_numbers: dict[str, i
 
 
 class _Rewriter(ast.NodeTransformer):
-    """Replaces each named call ``f(*a, **k)`` by ``__nd_call__(name, f, (*a,), {**k})``."""
+    """Replaces each named call ``f(*a, **k)`` by ``CALL(name, f, (*a,), {**k})``.
+
+    ``CALL`` is the placeholder constant later bound to ``call``; with a ``**`` argument
+    the keywords become ``KW({named}, mapping, ...)`` so duplicates still raise.
+    """
 
     def visit_Call(self, node: ast.Call) -> ast.expr:
         self.generic_visit(node)
@@ -151,7 +162,7 @@ class _Rewriter(ast.NodeTransformer):
             return node
         args = ast.Tuple(elts=node.args, ctx=ast.Load())
         if any(kw.arg is None for kw in node.keywords):
-            # __nd_kw__({named...}, mapping, {named...}, ...): groups in source order.
+            # KW({named...}, mapping, {named...}, ...): groups in source order.
             parts: list[ast.expr] = []
             group: ast.Dict | None = None
             for kw in node.keywords:
@@ -164,13 +175,13 @@ class _Rewriter(ast.NodeTransformer):
                     parts.append(group)
                 group.keys.append(ast.Constant(kw.arg))
                 group.values.append(kw.value)
-            kwargs: ast.expr = ast.Call(ast.Name(_KW, ast.Load()), parts, [])
+            kwargs: ast.expr = ast.Call(ast.Constant(_KW), parts, [])
         else:
             kwargs = ast.Dict(
                 keys=[ast.Constant(kw.arg) for kw in node.keywords],
                 values=[kw.value for kw in node.keywords],
             )
-        new = ast.Call(ast.Name(_CALL, ast.Load()), [ast.Constant(name), node.func, args, kwargs], [])
+        new = ast.Call(ast.Constant(_CALL), [ast.Constant(name), node.func, args, kwargs], [])
         # Synthetic nodes take the original call's position (tracebacks point at the call).
         return ast.fix_missing_locations(ast.copy_location(new, node))
 
@@ -198,6 +209,17 @@ def _dedent(lines: list[str]) -> str:
             line = line[len(indent):]
         out.append(line if line.strip() else "")
     return "\n".join(out) + "\n"
+
+
+def _bind_placeholders(code: types.CodeType, values: dict[str, Any]) -> types.CodeType:
+    """``code`` (and the code objects nested in it) with placeholder constants replaced."""
+    consts = tuple(
+        values[c] if type(c) is str and c in values
+        else _bind_placeholders(c, values) if isinstance(c, types.CodeType)
+        else c
+        for c in code.co_consts
+    )
+    return code.replace(co_consts=consts)
 
 
 def _owner_class(qualname: str) -> str | None:
@@ -239,8 +261,11 @@ def inject(
     if not isinstance(func, types.FunctionType):
         raise TypeError(f"cannot inject {fn!r}: not a Python function or method")
     node, raw_lines = _parse_def(func)
-    if any(isinstance(n, ast.Name) and n.id in (_CALL, _KW, _FACTORY) for n in ast.walk(node)):
-        raise ValueError(f"cannot inject {func.__qualname__}: it uses a reserved name ({_CALL}, {_KW})")
+    if any(
+        (isinstance(n, ast.Name) and n.id == _FACTORY) or (isinstance(n, ast.Constant) and n.value in (_CALL, _KW))
+        for n in ast.walk(node)
+    ):
+        raise ValueError(f"cannot inject {func.__qualname__}: it uses a name or constant reserved by inject")
 
     counts: dict[str, int] = defaultdict(int)
     line_numbers: dict[str, int] = {}
@@ -248,12 +273,12 @@ def inject(
         _name_calls(stmt, counts, line_numbers)
     node.body = [_Rewriter().visit(stmt) for stmt in node.body]
 
-    # def __nd_factory__(<free vars>, __nd_call__, __nd_kw__): <def fn>; return fn
+    # def __nd_factory__(<free vars of fn>): <def fn>; return fn   (never run: the code
+    # object of fn is taken from the compiled constants and given fn's own closure cells)
     # wrapped in `class <Owner>:` when fn is a method, so private names mangle as before.
-    # (Reserved names are filtered in case an injected function is given without __wrapped__.)
-    freevars = tuple(n for n in func.__code__.co_freevars if n not in (_CALL, _KW))
+    freevars = func.__code__.co_freevars
     factory_args = ast.arguments(
-        posonlyargs=[], args=[ast.arg(n) for n in (*freevars, _CALL, _KW)], vararg=None,
+        posonlyargs=[], args=[ast.arg(n) for n in freevars], vararg=None,
         kwonlyargs=[], kw_defaults=[], kwarg=None, defaults=[],
     )
     factory = ast.FunctionDef(
@@ -268,15 +293,16 @@ def inject(
 
     filename = f"<nnsight_dist.source {path}>"
     flags = func.__code__.co_flags & _FUTURE_MASK
-    code = compile(module, filename, "exec", flags=flags, dont_inherit=True)
+    with warnings.catch_warnings():  # "'str' object is not callable" about the placeholders
+        warnings.simplefilter("ignore", SyntaxWarning)
+        code = compile(module, filename, "exec", flags=flags, dont_inherit=True)
     for step in ([owner] if owner else []) + [_FACTORY, node.name]:  # class body, factory, fn
         code = next(c for c in code.co_consts if isinstance(c, types.CodeType) and c.co_name == step)
+    code = _bind_placeholders(code, {_CALL: call, _KW: _merge_kwargs})
     if hasattr(code, "co_qualname"):
         code = code.replace(co_qualname=func.__qualname__)
 
     cells = dict(zip(freevars, func.__closure__ or ()))
-    cells[_CALL] = types.CellType(call)
-    cells[_KW] = types.CellType(_merge_kwargs)
     closure = tuple(cells.get(n, types.CellType()) for n in code.co_freevars)
     new_fn = types.FunctionType(code, func.__globals__, func.__name__, func.__defaults__, closure or None)
     new_fn.__kwdefaults__ = dict(func.__kwdefaults__) if func.__kwdefaults__ else None

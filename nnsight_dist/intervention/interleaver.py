@@ -27,6 +27,7 @@ from greenlet import GreenletExit, getcurrent, greenlet
 from .batcher import Batcher
 from .errors import MissedProviderError, NotTracingError, OutOfOrderError
 from .mediator import Mediator, Wait
+from .seam import Seam
 
 
 class Site:
@@ -42,9 +43,15 @@ class Site:
 
 
 class CallPoint:
-    """A callable whose calls are visits: a module's forward or a ``.source`` operation."""
+    """A callable whose calls are visits: a module's forward or a ``.source`` operation.
 
-    __slots__ = ("path", "forward", "input", "output", "root")
+    An engine may attach ``before`` (``(args, kwargs) -> (args, kwargs)``, run before the
+    input is handled) and ``after`` (``output -> output``, run after the output is
+    handled): that is where its blocking points (receive from the previous stage, send
+    to the next) live.
+    """
+
+    __slots__ = ("path", "forward", "input", "output", "root", "before", "after")
 
     def __init__(self, path: str, forward: Callable, input: Site, output: Site, root: bool):
         self.path = path
@@ -52,6 +59,23 @@ class CallPoint:
         self.input = input
         self.output = output
         self.root = root
+        self.before: Optional[Callable[[tuple, dict], tuple[tuple, dict]]] = None
+        self.after: Optional[Callable[[Any], Any]] = None
+
+
+class Observer:
+    """A function called with the value of a location at every visit (caches, scans).
+
+    ``local`` observers get this rank's fragment; the others get the whole value. ``index``
+    names the observer across ranks (observers are registered in the same order on all).
+    """
+
+    __slots__ = ("fn", "local", "index")
+
+    def __init__(self, fn: Callable[[Any, int], None], local: bool, index: int) -> None:
+        self.fn = fn
+        self.local = local
+        self.index = index
 
 
 class Barrier:
@@ -78,7 +102,10 @@ class Interleaver:
         self.points: dict[str, CallPoint] = {}
         self.mediators: list[Mediator] = []
         self.waiting: dict[str, list[Mediator]] = {}
-        self.observers: dict[str, list[Callable[[Any, int], None]]] = {}
+        self.observers: dict[str, list[Observer]] = {}
+        self.observer_list: list[Observer] = []
+        self.remote_waiting: dict[tuple[int, int], Mediator] = {}
+        self.seam = Seam()
         self.skips: dict[str, list[tuple[Any, Any]]] = {}
         self.barriers: list[Barrier] = []
         self.batcher = Batcher()
@@ -151,6 +178,8 @@ class Interleaver:
         if site.epoch != self.epoch:
             site.epoch, site.n = self.epoch, 0
         site.step = self.step
+        if point.before is not None:
+            args, kwargs = point.before(args, kwargs)
         location = site.location
         if location in self.waiting or location in self.observers:
             args, kwargs = self.handle(location, (args, kwargs), site)
@@ -168,6 +197,8 @@ class Interleaver:
         if location in self.waiting or location in self.observers:
             out = self.handle(location, out, site)
         site.n += 1
+        if point.after is not None:
+            out = point.after(out)
         return out
 
     def handle(self, location: str, value: Any, site: Optional[Site] = None) -> Any:
@@ -180,12 +211,23 @@ class Interleaver:
             if site.epoch != self.epoch:
                 site.epoch, site.n = self.epoch, 0
             site.step = self.step
+        codec = self.seam.codecs.get(location)
+        whole = None
         if location in self.waiting:
-            value = self._serve(location, value, site)
+            whole = value if codec is None else codec.whole(value)
+            whole = self._serve(location, whole, site)
+            value = whole if codec is None else codec.fragment(whole)
         observers = self.observers.get(location)
-        if observers:
-            for observe in observers:
-                observe(value, site.n)
+        if observers and location not in self.seam.remote:
+            for obs in observers:
+                if obs.local:
+                    obs.fn(value, site.n)
+                    continue
+                if whole is None:
+                    whole = value if codec is None else codec.whole(value)
+                obs.fn(whole, site.n)
+                if self.seam.routing:
+                    self.seam.observed(obs.index, site.n, whole)
         return value
 
     def _serve(self, location: str, value: Any, site: Site) -> Any:
@@ -207,6 +249,8 @@ class Interleaver:
                 send = None
                 if wait.kind == "value":
                     send = self.batcher.narrow(self.value, med.group)
+                    if self.seam.routing:
+                        self.seam.served(med.index, wait.payload, location, send)
                 elif wait.kind == "swap":
                     self.value = self.batcher.swap(self.value, wait.payload, med.group, location)
                 else:
@@ -268,7 +312,7 @@ class Interleaver:
 
     def _park(self, med: Mediator, wait: Wait) -> Any:
         med.wait = wait
-        if wait.kind != "barrier":
+        if wait.kind not in ("barrier", "remote"):
             self.waiting.setdefault(wait.location, []).append(med)
         return self.main.switch()
 
@@ -306,14 +350,40 @@ class Interleaver:
     def request(self, location: str) -> Any:
         """The value at ``location`` for the current mediator (parks until it is reached)."""
         med = self._mediator(f"reading {location}")
+        seq = med.seq
+        med.seq += 1
+        if location in self.seam.remote:
+            return self._remote(med, seq, location)
         site, it, now = self._check(med, location)
         if now:
-            return self.batcher.narrow(self.value, med.group)
-        return self._park(med, Wait(location, it, "value"))
+            value = self.batcher.narrow(self.value, med.group)
+            if self.seam.routing:
+                self.seam.served(med.index, seq, location, value)
+            return value
+        return self._park(med, Wait(location, it, "value", seq))
+
+    def _remote(self, med: Mediator, seq: int, location: str) -> Any:
+        """A value computed on another stage: from the mailbox, or parked until it arrives."""
+        found, value = self.seam.fetch(med.index, seq, location)
+        if found:
+            return value
+        self.remote_waiting[(med.index, seq)] = med
+        return self._park(med, Wait(location, None, "remote", seq))
+
+    def deliver(self, mediator: int, seq: int, value: Any) -> bool:
+        """Resume the mediator parked on remote request ``seq`` with ``value`` (if any)."""
+        med = self.remote_waiting.pop((mediator, seq), None)
+        if med is None:
+            return False
+        med.wait = None
+        self._resume(med, value)
+        return True
 
     def swap(self, location: str, value: Any) -> None:
         """Replace the value at ``location`` (for the current mediator's rows)."""
         med = self._mediator(f"writing {location}")
+        if location in self.seam.remote:
+            return  # the owner stage applies writes; every other stage drops them
         site, it, now = self._check(med, location)
         if now:
             self.value = self.batcher.swap(self.value, value, med.group, location)
@@ -324,6 +394,8 @@ class Interleaver:
         """Do not run the call point at ``path``; use ``value`` as its output."""
         location = path + ".input"
         med = self._mediator(f"skipping {path}")
+        if location in self.seam.remote:
+            return
         site, it, now = self._check(med, location)
         if now:
             self._add_skip(med, location, value)
@@ -343,12 +415,32 @@ class Interleaver:
         self._park(med, Wait("barrier", None, "barrier"))
 
     def call(self, point: CallPoint, args: tuple, kwargs: dict) -> Any:
-        """An ad-hoc call of a module from inside a body: runs it without visits."""
+        """An ad-hoc call of a module from inside a body: runs it without visits.
+
+        Arguments are whole values and the result is whole: fragmented arguments are cut to
+        this rank's part, a fragmented result is assembled. On a stage that does not own
+        the module the result comes from its owner.
+        """
+        med = self._mediator(f"calling {point.path}")
+        seq = med.seq
+        med.seq += 1
+        if point.output.location in self.seam.remote:
+            return self._remote(med, seq, point.output.location)
+        codecs = self.seam.codecs
+        codec = codecs.get(point.input.location)
+        if codec is not None:
+            args, kwargs = codec.fragment((args, kwargs))
         self.paused += 1
         try:
-            return point.forward(*args, **kwargs)
+            out = point.forward(*args, **kwargs)
         finally:
             self.paused -= 1
+        codec = codecs.get(point.output.location)
+        if codec is not None:
+            out = codec.whole(out)
+        if self.seam.routing:
+            self.seam.served(med.index, seq, point.output.location, out)
+        return out
 
     # ------------------------------------------------------------------ run lifecycle
 
@@ -373,11 +465,14 @@ class Interleaver:
                     self._resume(med, None, GreenletExit())
                     continue
                 self._resume(med, None, MissedProviderError(_missed(wait, self.step + 1)))
+        self.remote_waiting.clear()
 
     def _unpark(self, med: Mediator) -> None:
         wait, med.wait = med.wait, None
         if wait is None:
             return
+        if wait.kind == "remote":
+            self.remote_waiting.pop((med.index, wait.payload), None)
         waiters = self.waiting.get(wait.location)
         if waiters and med in waiters:
             waiters.remove(med)
@@ -398,16 +493,24 @@ class Interleaver:
                     pass
         self.mediators = []
         self.waiting.clear()
+        self.remote_waiting.clear()
         self.observers.clear()
+        self.observer_list.clear()
         self.skips.clear()
         self.barriers.clear()
         self.current = None
         self.location = self.value = self.site = None
         self.main = None
 
-    def observe(self, location: str, fn: Callable[[Any, int], None]) -> None:
-        """Call ``fn(value, visit_index)`` at every visit of ``location`` during this run."""
-        self.observers.setdefault(location, []).append(fn)
+    def observe(self, location: str, fn: Callable[[Any, int], None], local: bool = False) -> None:
+        """Call ``fn(value, visit_index)`` at every visit of ``location`` during this run.
+
+        ``value`` is whole, or this rank's fragment when ``local``. On a stage that does not
+        own ``location``, whole values arrive from the owner (see :class:`.seam.Seam`).
+        """
+        obs = Observer(fn, local, len(self.observer_list))
+        self.observer_list.append(obs)
+        self.observers.setdefault(location, []).append(obs)
 
 
 def _index(med: Mediator) -> int:
@@ -417,7 +520,7 @@ def _index(med: Mediator) -> int:
 def _missed(wait: Wait, steps: int) -> str:
     if wait.kind == "barrier":
         return "a barrier was never completed: fewer invokes than its participant count called it"
-    what = {"value": "reading", "swap": "writing", "skip": "skipping"}[wait.kind]
+    what = {"value": "reading", "remote": "reading", "swap": "writing", "skip": "skipping"}[wait.kind]
     at = "" if wait.iteration is None else f" at iteration {wait.iteration} (the run made {steps} step(s))"
     return (
         f"{what} {wait.location}{at}: the model never reached this location. "

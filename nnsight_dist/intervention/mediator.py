@@ -23,8 +23,9 @@ from .batcher import Group
 class Wait:
     """What a parked mediator waits for.
 
-    ``kind`` is ``"value"`` (read), ``"swap"`` (write ``payload``), ``"skip"`` (replace a
-    module call by ``payload``) or ``"barrier"``. ``iteration`` is the visit index wanted,
+    ``kind`` is ``"value"`` (read; ``payload`` is the request's sequence number),
+    ``"remote"`` (a value from another stage; ``payload`` likewise), ``"swap"`` (write
+    ``payload``), ``"skip"`` (replace a module call by ``payload``) or ``"barrier"``. ``iteration`` is the visit index wanted,
     or ``None`` for the next visit.
     """
 
@@ -46,6 +47,8 @@ class Mediator:
         self.wait: Optional[Wait] = None
         #: Visit index the body is constrained to (inside ``tracer.iter``), else ``None``.
         self.iteration: Optional[int] = None
+        #: Number of value requests made so far; the n-th request is the same on every rank.
+        self.seq = 0
         #: True inside ``tracer.all()``/``iter[:]``: running out of steps ends the body quietly.
         self.unbounded = False
         #: A one-shot eproperty transform to apply when the body next parks.

@@ -1,0 +1,261 @@
+"""The topology: which rank is which, as a ``dp × pp × tp`` mesh.
+
+:func:`init` discovers the launch (``torchrun``, Open MPI's or MPICH's ``mpirun``,
+SLURM's ``srun``, or a plain single process), starts ``torch.distributed`` (nccl on CUDA
+with a gloo group for control, gloo on CPU) and builds a :class:`Topology`: the one
+object that answers mesh questions. A *replica* is one ``pp × tp`` block holding one whole
+model; ``dp`` replicas trace their own inputs. Nobody else does rank arithmetic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT = 300.0
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What the launcher told this process: its rank, the world size and where to meet."""
+
+    launcher: str
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+def _int(env: dict, *names: str) -> Optional[int]:
+    for name in names:
+        if env.get(name, "") != "":
+            return int(env[name])
+    return None
+
+
+def _first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list (``node[01-04,07]`` -> ``node01``)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.split()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    m = re.match(r"([^,\[]+)(?:\[([^\],]+))?", nodelist)
+    if m is None:
+        return nodelist
+    prefix, ranges = m.group(1), m.group(2)
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def discover(env: Optional[dict] = None) -> Launch:
+    """Read the launch from the environment (see the module docstring for the launchers)."""
+    env = dict(os.environ if env is None else env)
+    port = _int(env, "MASTER_PORT") or 29500
+    if "RANK" in env and "WORLD_SIZE" in env and ("TORCHELASTIC_RUN_ID" in env or "MASTER_ADDR" in env):
+        return Launch("torchrun", int(env["RANK"]), int(env["WORLD_SIZE"]), _int(env, "LOCAL_RANK") or 0,
+                      env.get("MASTER_ADDR", "127.0.0.1"), port)
+    if "OMPI_COMM_WORLD_RANK" in env:
+        return Launch("mpirun", int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
+                      _int(env, "OMPI_COMM_WORLD_LOCAL_RANK") or 0, env.get("MASTER_ADDR", ""), port)
+    if "PMI_RANK" in env or "PMIX_RANK" in env:
+        rank = _int(env, "PMI_RANK", "PMIX_RANK")
+        size = _int(env, "PMI_SIZE", "OMPI_UNIVERSE_SIZE", "PMIX_SIZE") or 1
+        return Launch("mpirun", rank, size, _int(env, "MPI_LOCALRANKID", "PMI_LOCAL_RANK") or 0,
+                      env.get("MASTER_ADDR", ""), port)
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        addr = env.get("MASTER_ADDR") or _first_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1")))
+        job = _int(env, "SLURM_JOB_ID") or 0
+        return Launch("srun", int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), _int(env, "SLURM_LOCALID") or 0,
+                      addr, _int(env, "MASTER_PORT") or 20000 + job % 20000)
+    return Launch("single", 0, 1, 0, "127.0.0.1", port)
+
+
+def _mpi_master(launch: Launch) -> str:
+    """Under MPI without MASTER_ADDR: rank 0's address, broadcast with mpi4py (or localhost)."""
+    try:
+        from mpi4py import MPI  # noqa: F401 - optional extra
+    except ImportError:
+        return "127.0.0.1"
+    comm = MPI.COMM_WORLD
+    addr = socket.gethostbyname(socket.gethostname()) if comm.Get_rank() == 0 else None
+    return comm.bcast(addr, root=0)
+
+
+@dataclass
+class Topology:
+    """The mesh ``dp × pp × tp`` of this job; rank ``r`` sits at ``(r // (pp·tp), r // tp % pp, r % tp)``."""
+
+    world_size: int
+    rank: int
+    local_rank: int
+    dp: int
+    pp: int
+    tp: int
+    launcher: str = "single"
+    timeout: float = DEFAULT_TIMEOUT
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    mesh: Any = None
+    _groups: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // (self.pp * self.tp)
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // self.tp % self.pp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def rank_of(self, pp_rank: int, tp_rank: int, dp_rank: Optional[int] = None) -> int:
+        """Global rank at ``(dp_rank, pp_rank, tp_rank)`` (this replica by default)."""
+        dp_rank = self.dp_rank if dp_rank is None else dp_rank
+        return (dp_rank * self.pp + pp_rank) * self.tp + tp_rank
+
+    def replica_ranks(self) -> list[int]:
+        """Global ranks of this replica, stage by stage."""
+        return [self.rank_of(s, t) for s in range(self.pp) for t in range(self.tp)]
+
+    def stage_ranks(self, pp_rank: Optional[int] = None) -> list[int]:
+        """Global ranks of one stage of this replica (its tensor-parallel group)."""
+        s = self.pp_rank if pp_rank is None else pp_rank
+        return [self.rank_of(s, t) for t in range(self.tp)]
+
+    def group(self, name: str):
+        """The process group ``"tp"`` (this stage), ``"replica"`` (pp × tp) or ``"world"``."""
+        return self._groups.get(name)
+
+    def __str__(self) -> str:
+        return (f"rank {self.rank}/{self.world_size} (dp {self.dp_rank}/{self.dp}, pp {self.pp_rank}/{self.pp}, "
+                f"tp {self.tp_rank}/{self.tp}) via {self.launcher}")
+
+
+_TOPOLOGY: Optional[Topology] = None
+
+
+def current() -> Optional[Topology]:
+    """The topology made by :func:`init`, or ``None`` before it."""
+    return _TOPOLOGY
+
+
+def timeout_seconds(timeout: Optional[float] = None) -> float:
+    """``timeout``, else ``NNSIGHT_DIST_TIMEOUT``, else 300 s."""
+    if timeout is not None:
+        return float(timeout)
+    return float(os.environ.get("NNSIGHT_DIST_TIMEOUT", DEFAULT_TIMEOUT))
+
+
+def init(tp: Optional[int] = None, pp: Optional[int] = None, backend: Optional[str] = None,
+         timeout: Optional[float] = None) -> Topology:
+    """Start (or return) the job's topology. Idempotent; ``tp``/``pp`` default to 1.
+
+    Raises ``ValueError`` when ``tp · pp`` does not divide the world size, or when a second
+    call asks for other degrees than the first.
+    """
+    global _TOPOLOGY
+    if _TOPOLOGY is not None:
+        if (tp is not None and tp != _TOPOLOGY.tp) or (pp is not None and pp != _TOPOLOGY.pp):
+            raise ValueError(f"nd.init was already called with tp={_TOPOLOGY.tp}, pp={_TOPOLOGY.pp}")
+        return _TOPOLOGY
+    tp, pp = tp or 1, pp or 1
+    seconds = timeout_seconds(timeout)
+    launch = discover()
+    if launch.world_size % (tp * pp):
+        raise ValueError(
+            f"tp={tp} × pp={pp} = {tp * pp} does not divide the world size {launch.world_size}: "
+            "launch a multiple of tp·pp ranks"
+        )
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", launch.local_rank % max(torch.cuda.device_count(), 1)) if cuda else torch.device("cpu")
+    topo = Topology(launch.world_size, launch.rank, launch.local_rank, launch.world_size // (tp * pp), pp, tp,
+                    launch.launcher, seconds, device)
+    if launch.world_size > 1:
+        if not dist.is_initialized():
+            addr = launch.master_addr or (_mpi_master(launch) if launch.launcher == "mpirun" else "127.0.0.1")
+            os.environ.setdefault("MASTER_ADDR", addr)
+            os.environ.setdefault("MASTER_PORT", str(launch.master_port))
+            os.environ.setdefault("RANK", str(launch.rank))
+            os.environ.setdefault("WORLD_SIZE", str(launch.world_size))
+            os.environ.setdefault("LOCAL_RANK", str(launch.local_rank))
+            if cuda:
+                torch.cuda.set_device(device)
+            dist.init_process_group(backend or ("nccl" if cuda else "gloo"), rank=launch.rank,
+                                    world_size=launch.world_size, timeout=timedelta(seconds=seconds))
+        _build_groups(topo, cuda)
+    _TOPOLOGY = topo
+    return topo
+
+
+def _build_groups(topo: Topology, cuda: bool) -> None:
+    """Every rank creates every group, in the same order (a collective requirement)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    topo.mesh = init_device_mesh(topo.device.type, (topo.dp, topo.pp, topo.tp), mesh_dim_names=("dp", "pp", "tp"))
+    control = "gloo" if cuda else None
+    timeout = timedelta(seconds=topo.timeout)
+    for d in range(topo.dp):
+        for s in range(topo.pp):
+            ranks = [topo.rank_of(s, t, d) for t in range(topo.tp)]
+            group = dist.new_group(ranks, backend=control, timeout=timeout)
+            if topo.rank in ranks:
+                topo._groups["tp"] = group
+        ranks = [topo.rank_of(s, t, d) for s in range(topo.pp) for t in range(topo.tp)]
+        group = dist.new_group(ranks, backend=control, timeout=timeout)
+        if topo.rank in ranks:
+            topo._groups["replica"] = group
+    topo._groups["world"] = dist.new_group(list(range(topo.world_size)), backend=control, timeout=timeout)
+
+
+def _bytes_tensor(obj: Any) -> torch.Tensor:
+    return torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+
+
+def gather_object(obj: Any, dst: int = 0) -> Optional[list]:
+    """Gather a JSON-able ``obj`` from every rank on ``dst`` (``None`` elsewhere). Never unpickles."""
+    topo = current()
+    if topo is None or not topo.distributed:
+        return [obj]
+    group = topo.group("world")
+    payload = _bytes_tensor(obj)
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(topo.world_size)]
+    dist.all_gather(sizes, torch.tensor([payload.numel()]), group=group)
+    width = int(max(s.item() for s in sizes))
+    padded = torch.zeros(width, dtype=torch.uint8)
+    padded[: payload.numel()] = payload
+    out = [torch.zeros(width, dtype=torch.uint8) for _ in range(topo.world_size)] if topo.rank == dst else None
+    dist.gather(padded, out, dst=dst, group=group)
+    if topo.rank != dst:
+        return None
+    return [json.loads(bytes(t[: int(s.item())].tolist()).decode()) for t, s in zip(out, sizes)]
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` from rank ``src`` on every rank (JSON-able values only). Never unpickles."""
+    topo = current()
+    if topo is None or not topo.distributed:
+        return obj
+    group = topo.group("world")
+    size = torch.tensor([_bytes_tensor(obj).numel() if topo.rank == src else 0])
+    dist.broadcast(size, src=src, group=group)
+    payload = _bytes_tensor(obj) if topo.rank == src else torch.zeros(int(size.item()), dtype=torch.uint8)
+    dist.broadcast(payload, src=src, group=group)
+    return json.loads(bytes(payload.tolist()).decode())

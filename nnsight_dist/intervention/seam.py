@@ -1,0 +1,54 @@
+"""The seam: where the interleaver meets other ranks.
+
+The interleaver knows nothing of ranks. It asks its seam three questions, and the
+defaults below answer them for one process (every location owned, every value whole):
+
+- Is a location *remote* (computed by another pipeline stage)? Remote locations are
+  listed in ``Seam.remote``; the interleaver never serves them from local visits.
+- Is a location *fragmented* (tensor-parallel)? ``Seam.codecs`` maps such locations to a
+  :class:`Codec` that turns the local fragment into the whole value and back.
+- What happens when a value is served (``served``), when a remote value is needed
+  (``fetch``), and when an observed value passes (``observed``)? The distributed seam
+  routes them between stages; here they do nothing.
+
+Every value request of a mediator carries a *sequence number*: the n-th request of a
+mediator is the same request on every rank (SPMD), so the pair (mediator, sequence)
+names a served value across ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Codec:
+    """Turns a location's local fragment into the whole value and back (identity here)."""
+
+    def whole(self, local: Any) -> Any:
+        """The whole value from this rank's fragment (may be a collective)."""
+        return local
+
+    def fragment(self, whole: Any) -> Any:
+        """This rank's fragment of ``whole``, as the engine expects it."""
+        return whole
+
+
+class Seam:
+    """Single-process seam: nothing is remote, nothing is fragmented, nothing is routed."""
+
+    #: Whether :meth:`served` / :meth:`observed` must be called (False: skip the calls).
+    routing = False
+
+    def __init__(self) -> None:
+        self.remote: set[str] = set()
+        self.codecs: dict[str, Codec] = {}
+
+    def served(self, mediator: int, seq: int, location: str, value: Any) -> None:
+        """An owned value was served to request ``seq`` of ``mediator``."""
+
+    def fetch(self, mediator: int, seq: int, location: str) -> tuple[bool, Any]:
+        """The remote value of request ``seq`` of ``mediator``, if it has arrived."""
+        return False, None
+
+    def observed(self, observer: int, visit: int, value: Any) -> None:
+        """An owned value passed observer ``observer`` at visit ``visit``."""
