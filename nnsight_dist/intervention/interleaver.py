@@ -98,6 +98,7 @@ class Interleaver:
         self.paused = 0
         self.epoch = 0
         self.step = -1
+        self.visits = 0
         self.sites: dict[str, Site] = {}
         self.points: dict[str, CallPoint] = {}
         self.mediators: list[Mediator] = []
@@ -172,6 +173,7 @@ class Interleaver:
 
     def visit(self, point: CallPoint, fn: Callable, args: tuple, kwargs: dict) -> Any:
         """One call of a call point: handle its input, run it (or its skip), handle its output."""
+        self.visits += 1
         if point.root:
             self.step += 1
         site = point.input
@@ -227,7 +229,7 @@ class Interleaver:
                     whole = value if codec is None else codec.whole(value)
                 obs.fn(whole, site.n)
                 if self.seam.routing:
-                    self.seam.observed(obs.index, site.n, whole)
+                    self.seam.observed(obs.index, site.n, location, whole)
         return value
 
     def _serve(self, location: str, value: Any, site: Site) -> Any:
@@ -448,6 +450,7 @@ class Interleaver:
         """Prepare a run: new epoch, empty waits, ``batch_size`` rows."""
         self.epoch += 1
         self.step = -1
+        self.visits = 0
         self.active = True
         self.stopped = False
         self.batcher = Batcher(batch_size)

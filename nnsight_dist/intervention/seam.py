@@ -50,5 +50,17 @@ class Seam:
         """The remote value of request ``seq`` of ``mediator``, if it has arrived."""
         return False, None
 
-    def observed(self, observer: int, visit: int, value: Any) -> None:
-        """An owned value passed observer ``observer`` at visit ``visit``."""
+    def observed(self, observer: int, visit: int, location: str, value: Any) -> None:
+        """An owned value of ``location`` passed observer ``observer`` at visit ``visit``."""
+
+    def begin(self) -> None:
+        """A trace starts."""
+
+    def drain(self) -> None:
+        """The model run is over: take in every value still on its way (before missed checks)."""
+
+    def close(self) -> None:
+        """The trace succeeded: agree with the other ranks that it did the same everywhere."""
+
+    def fail(self, error: BaseException) -> None:
+        """The trace failed with ``error`` on this rank."""

@@ -40,11 +40,22 @@ class LanguageModel(NNsight):
         import transformers
 
         add_save_method(transformers.utils.ModelOutput)
-        if tp != 1 or pp != 1 or engine != "transformers":
-            raise NotImplementedError(
-                "tensor/pipeline parallel loading is not available in this build: use tp=1, pp=1"
-            )
-        if isinstance(path_or_model, torch.nn.Module):
+        from ..distributed import topology
+
+        topo = topology.init(tp=tp, pp=pp)
+        distributed = topo.distributed
+        if distributed:
+            if engine != "transformers":
+                raise NotImplementedError(f"engine {engine!r} is not available yet: use engine='transformers'")
+            if isinstance(path_or_model, torch.nn.Module):
+                raise ValueError("a distributed LanguageModel loads its own part of a checkpoint: pass a path")
+            source = str(path_or_model)
+            if dtype is not None:
+                load_kwargs["dtype"] = dtype
+            from ..engines import transformers as engine_impl
+
+            module = engine_impl.load(source, topo, **load_kwargs)
+        elif isinstance(path_or_model, torch.nn.Module):
             module = path_or_model
             source = getattr(module.config, "_name_or_path", None)
         else:
@@ -61,6 +72,34 @@ class LanguageModel(NNsight):
             tokenizer.pad_token = tokenizer.eos_token
         super().__init__(module, rename=rename)
         self.__dict__["tokenizer"] = tokenizer
+        self.__dict__["topology"] = topo
+        if distributed:
+            from ..distributed.replica import ReplicaSeam
+
+            table = engine_impl.placements(module, topo, self.path)
+            seam = ReplicaSeam(topo, table, self.interleaver)
+            self.interleaver.seam = seam
+            engine_impl.attach_pipeline(module, topo, self.interleaver, seam.router, self.path)
+            self.__dict__["_placements"] = table
+        else:
+            self.__dict__["_placements"] = None
+
+    def placements(self) -> dict:
+        """Every module's placement: owner stage, ranks, input and output placement."""
+        from ..distributed.placement import Placement
+
+        if self._placements is None:
+            return {path: Placement(path, 0, (0,)) for path, _ in self.named_modules()}
+        return dict(self._placements)
+
+    def placement(self, path: str):
+        """The placement of the module at ``path`` (full, ``"model.model.layers.0"``, or relative)."""
+        table = self.placements()
+        for candidate in (path, f"{self.path}.{path}"):
+            if candidate in table:
+                return table[candidate]
+        self.get(path.removeprefix(self.path + "."))  # raises ModulePathError with near names
+        raise KeyError(path)
 
     @property
     def config(self) -> Any:
@@ -128,6 +167,11 @@ class LanguageModel(NNsight):
         return (), {"input_ids": ids.to(device), "attention_mask": mask.to(device)}, groups, len(rows)
 
     def _forward(self, args: tuple, kwargs: dict) -> Any:
+        if self._placements is not None:
+            # Sharded runs are inference: the engines' local fast paths, no autograd views
+            # forbidding in-place edits of their outputs.
+            with torch.no_grad():
+                return self._module(*args, **kwargs)
         return self._module(*args, **kwargs)
 
     def _generate(self, args: tuple, kwargs: dict) -> Any:

@@ -192,6 +192,7 @@ class InterleavingTracer(_Block):
         root = Mediator(body, None, "trace body")
         root.index = _LAST
         il.begin(None)
+        il.seam.begin()
         try:
             il.mediators = [root]
             il.start(root)
@@ -215,6 +216,10 @@ class InterleavingTracer(_Block):
             for med in mediators:
                 il.start(med)
             self._go(args, {**kwargs, **self._kwargs})
+            il.seam.close()
+        except BaseException as error:
+            il.seam.fail(error)
+            raise
         finally:
             il.end()
 
@@ -226,6 +231,13 @@ class InterleavingTracer(_Block):
             il.stopped = True
         else:
             il.handle("result", result)
+        while True:
+            try:
+                il.seam.drain()
+                break
+            except EarlyStop:
+                # A mediator served late (a value from another stage) stopped the run.
+                il.stopped = True
         il.finish()
 
 

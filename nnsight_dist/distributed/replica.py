@@ -1,0 +1,195 @@
+"""The replica seam: this rank's part in a trace shared by the ranks of one replica.
+
+It implements the interleaver's :class:`~nnsight_dist.intervention.seam.Seam` from the
+engine's placements:
+
+- locations owned by another stage are *remote*: their values come from the owner over
+  the :class:`~.router.Router`, keyed by ``(mediator, request number)``; writes to them
+  are dropped here because the owner applies them;
+- fragmented locations of this stage get a :class:`~.placement.TensorCodec`;
+- every value served at an owned (non-replicated) location is pushed to the other stages
+  once, without being asked; so is every value a whole-value cache observes.
+
+At the end of a trace (:meth:`ReplicaSeam.end`) every rank sends an end marker on each of
+its streams, drains its streams until it has every peer's marker (serving late arrivals),
+completes its sends and passes a cross-rank barrier comparing a digest of what it visited
+and served: a difference raises :class:`DivergenceError` naming the first one. A failed
+trace publishes its error so the other ranks raise :class:`RemoteError` instead of waiting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..intervention.errors import DivergenceError
+from ..intervention.interleaver import Interleaver
+from ..intervention.seam import Seam
+from .failure import Failures
+from .placement import WHOLE, Placement, TensorCodec
+from .router import Router
+from .topology import Topology
+
+
+class ReplicaSeam(Seam):
+    """See the module docstring."""
+
+    routing = True
+
+    def __init__(self, topo: Topology, placements: dict[str, Placement], interleaver: Interleaver) -> None:
+        super().__init__()
+        self.topo = topo
+        self.interleaver = interleaver
+        self.failures = Failures(topo)
+        self.router = Router(topo, self.failures, topo.group("replica"))
+        self.router.on_message = self._arrived
+        self.owner: dict[str, Optional[int]] = {}
+        for path, p in placements.items():
+            for key, placement in (("input", p.input), ("output", p.output)):
+                location = f"{path}.{key}"
+                self.owner[location] = p.owner_stage
+                if p.owner_stage is not None and p.owner_stage != topo.pp_rank:
+                    self.remote.add(location)
+                elif placement != WHOLE and topo.tp > 1:
+                    self.codecs[location] = TensorCodec(placement, topo.group("tp"), topo.tp, topo.tp_rank,
+                                                        self.failures, location, key == "input")
+        self.log: list[tuple[int, int, str]] = []
+        self._ended = False
+
+    # ------------------------------------------------------------------ seam
+
+    def served(self, mediator: int, seq: int, location: str, value: Any) -> None:
+        self.log.append((mediator, seq, location))
+        if self.owner.get(location) is not None:
+            self.router.broadcast(("v", mediator, seq, location), value)
+
+    def fetch(self, mediator: int, seq: int, location: str) -> tuple[bool, Any]:
+        self.log.append((mediator, seq, location))
+        for (trace, key), (_, value) in list(self.router.mailbox.items()):
+            if trace == self.router.trace and key[:3] == ("v", mediator, seq):
+                self._check_same(key[3], location, mediator, seq)
+                del self.router.mailbox[(trace, key)]
+                return True, value
+        return False, None
+
+    def observed(self, observer: int, visit: int, location: str, value: Any) -> None:
+        if self.owner.get(location) is not None:
+            self.router.broadcast(("o", observer, visit), value)
+
+    def _check_same(self, theirs: str, mine: str, mediator: int, seq: int) -> None:
+        if theirs != mine:
+            raise DivergenceError(
+                f"request {seq} of mediator {mediator} is {mine} on rank {self.topo.rank} but {theirs} "
+                "on its owner: ranks ran different intervention code (branching on the rank inside a "
+                "trace is not allowed)"
+            )
+
+    def _arrived(self, source: int, key: tuple, value: Any) -> None:
+        kind = key[0]
+        if kind == "v":
+            _, mediator, seq, location = key
+            med = self.interleaver.remote_waiting.get((mediator, seq))
+            if med is not None:
+                self._check_same(location, med.wait.location, mediator, seq)
+                self.router.mailbox.pop((self.router.trace, key), None)
+                self.interleaver.deliver(mediator, seq, value)
+        elif kind == "o":
+            _, observer, visit = key
+            observers = self.interleaver.observer_list
+            if observer < len(observers):
+                self.router.mailbox.pop((self.router.trace, key), None)
+                observers[observer].fn(value, visit)
+
+    # ------------------------------------------------------------------ trace lifecycle
+
+    def begin(self) -> None:
+        """Start a trace."""
+        self.router.next_trace()
+        self.failures.trace = self.router.trace
+        self.log = []
+        self._ended = False
+
+    def drain(self) -> None:
+        """End markers out, every peer's end marker in (serving late arrivals), sends completed."""
+        router = self.router
+        if not self._ended:
+            self._ended = True
+            router.broadcast(("end", self.topo.rank), None)
+        for peer in router.peers:
+            router.wait(("end", peer), "the end of the trace", peer)
+        router.complete_sends()
+
+    def close(self) -> None:
+        """The digest barrier (see the module docstring)."""
+        self._barrier()
+
+    def fail(self, error: BaseException) -> None:
+        """Close a failed trace: publish the error; unblock ranks stuck waiting for this one."""
+        message = f"{type(error).__name__}: {error}"
+        self.failures.publish(message)
+        store = self.failures._store
+        if store is None:
+            return
+        store.set(f"nnsight_dist/done/{self.router.trace}/{self.topo.rank}", "failed")
+        # Ranks that are not done soon are blocked in a collective that waits for this rank:
+        # tearing the process group down makes their wait fail at once (they then read the
+        # published error) instead of at the timeout.
+        deadline = time.monotonic() + min(self.topo.timeout, 5.0)
+        others = [r for r in self.topo.replica_ranks() if r != self.topo.rank]
+        while time.monotonic() < deadline:
+            if store.check([f"nnsight_dist/done/{self.router.trace}/{r}" for r in others]):
+                return
+            time.sleep(0.01)
+        dist.destroy_process_group()
+
+    def _barrier(self) -> None:
+        il = self.interleaver
+        entries = sorted(self.log)
+        digest = hashlib.blake2b(json.dumps(entries).encode(), digest_size=7).digest()
+        mine = torch.tensor([il.step + 1, il.visits, int.from_bytes(digest, "little")], dtype=torch.long)
+        ranks = self.topo.replica_ranks()
+        parts = [torch.zeros(3, dtype=torch.long) for _ in ranks]
+        group = self.topo.group("replica")
+        work = dist.all_gather(parts, mine, group=group, async_op=True)
+        self.failures.wait_work(work, "the end-of-trace barrier", "the replica")
+        if self.failures._store is not None:
+            self.failures._store.set(f"nnsight_dist/done/{self.router.trace}/{self.topo.rank}", "ok")
+        if all(torch.equal(p, mine) for p in parts):
+            return
+        steps, visits = [int(p[0]) for p in parts], [int(p[1]) for p in parts]
+        if len(set(steps)) > 1 or len(set(visits)) > 1:
+            raise DivergenceError(f"ranks {ranks} ran {steps} steps and visited {visits} locations")
+        logs = _all_gather_json(entries, group, len(ranks), self.failures)
+        raise DivergenceError(_first_difference(ranks, logs))
+
+
+def _all_gather_json(obj: Any, group: Any, n: int, failures: Failures) -> list:
+    payload = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(n)]
+    failures.wait_work(dist.all_gather(sizes, torch.tensor([payload.numel()]), group=group, async_op=True),
+                       "the divergence report", "the replica")
+    width = int(max(s.item() for s in sizes))
+    padded = torch.zeros(width, dtype=torch.uint8)
+    padded[: payload.numel()] = payload
+    parts = [torch.zeros(width, dtype=torch.uint8) for _ in range(n)]
+    failures.wait_work(dist.all_gather(parts, padded, group=group, async_op=True), "the divergence report", "the replica")
+    return [json.loads(bytes(p[: int(s.item())].tolist()).decode()) for p, s in zip(parts, sizes)]
+
+
+def _first_difference(ranks: list[int], logs: list[list]) -> str:
+    reference = logs[0]
+    for rank, log in zip(ranks[1:], logs[1:]):
+        for i in range(max(len(reference), len(log))):
+            a = reference[i] if i < len(reference) else None
+            b = log[i] if i < len(log) else None
+            if a != b:
+                def say(e):
+                    return "nothing" if e is None else f"{e[2]} (mediator {e[0]}, request {e[1]})"
+                return (f"ranks diverged: entry {i} is {say(a)} on rank {ranks[0]} but {say(b)} on rank {rank}; "
+                        "the intervention code must be the same on every rank (no branching on the rank)")
+    return "ranks diverged in what they served"

@@ -1,0 +1,187 @@
+"""The router: whole values from their owner stage to the other stages of the replica.
+
+Rank ``(stage s, tp t)`` talks to ``(stage s', tp t)`` for every other stage ``s'``. Each
+ordered pair is one *stream*: messages arrive in the order they were sent (gloo keeps a
+pair's messages in order, and nothing here relies on tags). A message is
+
+1. a header: ``int64[3] = (trace, bytes of meta, number of tensors)``;
+2. the meta: JSON bytes, ``{"key": [...], "value": structure, "tensors": [[dtype, shape], ...]}``
+   where the structure holds lists, dicts, numbers, strings and ``{"__tensor__": i}``;
+3. the tensors, raw.
+
+Nothing is pickled. The receiver keeps one header receive posted per incoming stream at
+all times and drains every stream in order into a *mailbox* keyed by ``(trace, key)``, so
+the order in which its mediators ask does not matter and a message never lands in a
+receive meant for another. Sends are asynchronous (on copies, so later in-place edits do
+not race them) and completed at the end of each trace.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from .failure import Failures, lost_contact
+from .topology import Topology
+
+_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
+                               torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}
+
+
+def encode(value: Any, tensors: list[torch.Tensor]) -> Any:
+    """A JSON-able structure for ``value``; its tensors are appended to ``tensors``.
+
+    Values that are neither tensors nor JSON-able (a KV cache object, say) travel as
+    ``{"__opaque__": type name}`` and arrive as ``None``.
+    """
+    if isinstance(value, torch.Tensor):
+        tensors.append(value)
+        return {"__tensor__": len(tensors) - 1}
+    if isinstance(value, (list, tuple)):
+        return {"__seq__": [encode(v, tensors) for v in value], "tuple": isinstance(value, tuple)}
+    if isinstance(value, dict):
+        return {"__map__": [[str(k), encode(v, tensors)] for k, v in value.items()]}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.Size):
+        return list(value)
+    return {"__opaque__": type(value).__name__}
+
+
+def decode(structure: Any, tensors: list[torch.Tensor]) -> Any:
+    """The value of an :func:`encode` structure."""
+    if isinstance(structure, dict):
+        if "__tensor__" in structure:
+            return tensors[structure["__tensor__"]]
+        if "__seq__" in structure:
+            items = [decode(v, tensors) for v in structure["__seq__"]]
+            return tuple(items) if structure["tuple"] else items
+        if "__map__" in structure:
+            return {k: decode(v, tensors) for k, v in structure["__map__"]}
+        return None
+    return structure
+
+
+class _Incoming:
+    """One incoming stream: the posted header receive."""
+
+    def __init__(self, peer: int, group: Any) -> None:
+        self.peer = peer
+        self.group = group
+        self.header = torch.zeros(3, dtype=torch.long)
+        self.work = dist.irecv(self.header, src=peer, group=group)
+        self.received: Any = None
+
+    def repost(self) -> None:
+        self.header = torch.zeros(3, dtype=torch.long)
+        self.work = dist.irecv(self.header, src=self.peer, group=self.group)
+
+
+class Router:
+    """Streams to and from the other stages of this rank's replica (see the module docstring)."""
+
+    def __init__(self, topo: Topology, failures: Failures, group: Any) -> None:
+        self.topo = topo
+        self.failures = failures
+        self.group = group
+        self.trace = 0
+        self.peers = [topo.rank_of(s, topo.tp_rank) for s in range(topo.pp) if s != topo.pp_rank]
+        self.incoming = {peer: _Incoming(peer, group) for peer in self.peers}
+        self.mailbox: dict[tuple, tuple[int, Any]] = {}
+        self.sends: list[tuple[Any, list[torch.Tensor]]] = []
+        self.messages = 0
+        self.bytes = 0
+        #: Called with (source rank, key, value) for each message of the current trace.
+        self.on_message: Optional[Callable[[int, tuple, Any], None]] = None
+
+    # ------------------------------------------------------------------ sending
+
+    def send(self, dst: int, key: tuple, value: Any) -> None:
+        """Queue ``value`` to rank ``dst`` under ``key`` (asynchronous; copies the tensors)."""
+        tensors: list[torch.Tensor] = []
+        structure = encode(value, tensors)
+        tensors = [t.detach().contiguous().clone() for t in tensors]
+        meta = json.dumps({"key": list(key), "value": structure,
+                           "tensors": [[str(t.dtype), list(t.shape)] for t in tensors]}).encode()
+        meta_t = torch.frombuffer(bytearray(meta), dtype=torch.uint8)
+        header = torch.tensor([self.trace, meta_t.numel(), len(tensors)], dtype=torch.long)
+        keep = [header, meta_t, *tensors]
+        works = [dist.isend(t, dst=dst, group=self.group) for t in keep]
+        self.sends.append((works, keep))
+        self.messages += 1
+        self.bytes += sum(t.numel() * t.element_size() for t in tensors)
+
+    def broadcast(self, key: tuple, value: Any, to: Optional[list[int]] = None) -> None:
+        """:meth:`send` to every peer (or to ``to``)."""
+        for peer in self.peers if to is None else to:
+            self.send(peer, key, value)
+
+    def complete_sends(self) -> None:
+        """Wait until every queued send has left (bounded by the timeout)."""
+        for works, _ in self.sends:
+            for work in works:
+                self.failures.wait(lambda: lost_contact(work.is_completed, -1), "a send to complete",
+                                   "its receiver", self.poll)
+                lost_contact(work.wait, -1)
+        self.sends.clear()
+
+    # ------------------------------------------------------------------ receiving
+
+    def poll(self) -> bool:
+        """Drain every message that has arrived; True if there was any."""
+        got = False
+        for stream in self.incoming.values():
+            while lost_contact(stream.work.is_completed, stream.peer):
+                lost_contact(stream.work.wait, stream.peer)
+                lost_contact(lambda: self._receive(stream), stream.peer)
+                self._deliver(stream)
+                got = True
+        return got
+
+    def _receive(self, stream: _Incoming) -> None:
+        trace, size, count = (int(x) for x in stream.header.tolist())
+        meta_t = torch.empty(size, dtype=torch.uint8)
+        dist.recv(meta_t, src=stream.peer, group=self.group)
+        meta = json.loads(bytes(meta_t.tolist()).decode())
+        tensors = []
+        for dtype, shape in meta["tensors"]:
+            t = torch.empty(shape, dtype=_DTYPES[dtype])
+            dist.recv(t, src=stream.peer, group=self.group)
+            tensors.append(t)
+        stream.received = (trace, meta, tensors)
+        stream.repost()
+
+    def _deliver(self, stream: _Incoming) -> None:
+        trace, meta, tensors = stream.received
+        stream.received = None
+        key = tuple(_tuple(k) for k in meta["key"])
+        value = decode(meta["value"], tensors)
+        if trace < self.trace:
+            return  # left over from a trace that already ended (it failed): nobody wants it
+        self.mailbox[(trace, key)] = (stream.peer, value)
+        if trace == self.trace and self.on_message is not None:
+            self.on_message(stream.peer, key, value)
+
+    def take(self, key: tuple) -> tuple[bool, Any]:
+        """The value under ``key`` in this trace's mailbox (removed), if it arrived."""
+        item = self.mailbox.pop((self.trace, key), None)
+        return (False, None) if item is None else (True, item[1])
+
+    def wait(self, key: tuple, what: str, source: int) -> Any:
+        """A router-aware wait: drain streams (serving arrivals) until ``key`` arrives."""
+        self.failures.wait(lambda: (self.trace, key) in self.mailbox, what, source, self.poll)
+        return self.take(key)[1]
+
+    def next_trace(self) -> None:
+        """Start a new trace: forget what is left of the last one."""
+        self.trace += 1
+        self.mailbox = {k: v for k, v in self.mailbox.items() if k[0] >= self.trace}
+        self.messages = 0
+        self.bytes = 0
+
+
+def _tuple(k: Any) -> Any:
+    return tuple(_tuple(x) for x in k) if isinstance(k, list) else k

@@ -1,0 +1,213 @@
+"""The transformers engine: its own tensor and pipeline parallelism, described for nnsight_dist.
+
+Loading goes through ``from_pretrained(..., distributed_config=DistributedConfig(tp_size,
+pp_size))``, so each rank loads only its part. Two adjustments make it fit:
+
+- the device mesh transformers builds spans the whole world; we hand it this replica's
+  ``pp × tp`` slice of our ``dp × pp × tp`` mesh, so ``dp`` replicas each hold a model;
+- transformers 5.23 expands its tensor-parallel plan *before* pipeline parallelism turns
+  the layers of other stages into placeholders, and then fails on the missing names
+  (``KeyError: 'model.embed_tokens.weight'``); we apply the plan to the names that exist.
+
+The engine only *describes*: :func:`placements` reads owner stages from transformers'
+layer split and tensor-parallel placements from the model's plan; :func:`attach_pipeline`
+puts the engine's blocking points (hidden states from the previous stage, logits from the
+last) on the router, as router-aware waits. Every stage runs the whole module tree —
+placeholders pass values through — so every rank visits the same locations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Any, Optional
+
+import torch
+
+from ..distributed.placement import WHOLE, Placement, shard
+from ..distributed.topology import Topology
+from ..intervention.errors import UnshardableModel
+
+#: Module-boundary placements of transformers' tensor-parallel styles: (input, output).
+STYLES = {
+    "colwise": (WHOLE, shard(-1)),
+    "rowwise": (shard(-1), WHOLE),
+    "colwise_gather_output": (WHOLE, WHOLE),
+    "embedding_rowwise": (WHOLE, WHOLE),
+}
+
+
+def check(config: Any, tp: int, pp: int) -> None:
+    """Raise :class:`UnshardableModel` before loading when ``tp``/``pp`` cannot split the model."""
+    name = type(config).__name__
+    if tp > 1:
+        if not getattr(config, "base_model_tp_plan", None):
+            raise UnshardableModel(f"{name} has no tensor-parallel plan in transformers: use tp=1")
+        for attr in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+            value = getattr(config, attr, None)
+            if value is not None and value % tp:
+                raise UnshardableModel(f"tp={tp} does not divide {attr}={value} of {name}: pick a divisor of it")
+    if pp > 1:
+        if not getattr(config, "base_model_pp_plan", None):
+            raise UnshardableModel(f"{name} has no pipeline-parallel plan in transformers: use pp=1")
+        layers = getattr(config, "num_hidden_layers", 0)
+        if pp > layers:
+            raise UnshardableModel(f"pp={pp} exceeds the {layers} layers of {name}: use pp <= {layers}")
+
+
+def layer_range(stage: int, pp: int, layers: int) -> tuple[int, int]:
+    """Layers ``[start, end)`` of ``stage``, as transformers splits them."""
+    per = layers // pp
+    start = stage * per
+    return start, layers if stage == pp - 1 else start + per
+
+
+@contextlib.contextmanager
+def _adjusted(topo: Topology):
+    from torch.distributed.device_mesh import init_device_mesh
+    from transformers.distributed import mixin, utils
+
+    kind = topo.device.type
+    dense = init_device_mesh(kind, (topo.dp, topo.pp, 1, 1, topo.tp),
+                             mesh_dim_names=("dp", "pp", "dp_replicate", "fsdp", "tp"))
+    expert = init_device_mesh(kind, (topo.dp, topo.pp, 1, topo.tp, 1),
+                              mesh_dim_names=("dp", "pp", "dp_replicate", "efsdp", "ep"))
+    meshes = utils.TransformersDeviceMesh(dense["pp", "dp_replicate", "fsdp", "tp"],
+                                          expert["pp", "dp_replicate", "efsdp", "ep"])
+
+    def replica_mesh(config: Any):
+        return utils._bind_local_device(kind, topo.local_rank), meshes
+
+    original_apply = mixin.apply_tensor_parallelism
+
+    def apply_existing(model: torch.nn.Module, mesh: Any, plan: dict[str, str]):
+        names = {n for n, _ in model.named_modules()} | {n for n, _ in model.named_parameters()}
+        return original_apply(model, mesh, {k: v for k, v in plan.items() if k in names})
+
+    saved = mixin.initialize_distributed_mesh, mixin.apply_tensor_parallelism
+    mixin.initialize_distributed_mesh, mixin.apply_tensor_parallelism = replica_mesh, apply_existing
+    try:
+        yield
+    finally:
+        mixin.initialize_distributed_mesh, mixin.apply_tensor_parallelism = saved
+
+
+def load(path: str, topo: Topology, **kwargs: Any) -> torch.nn.Module:
+    """This rank's part of the checkpoint at ``path``, sharded ``topo.pp × topo.tp``."""
+    import transformers
+    from transformers.distributed import DistributedConfig
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    check(config, topo.tp, topo.pp)
+    with _adjusted(topo):
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path, distributed_config=DistributedConfig(tp_size=topo.tp, pp_size=topo.pp), **kwargs
+        )
+    if topo.pp > 1:
+        _own_pipeline(model, topo)
+    return model
+
+
+class StagePlaceholder(torch.nn.Module):
+    """The embedding of a stage that does not own it: zeros of the right shape and dtype,
+    so the stage's forward builds its masks and positions as the first stage does."""
+
+    def __init__(self, hidden: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.dtype = dtype
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(*input_ids.shape, self.hidden, dtype=self.dtype, device=input_ids.device)
+
+
+def _own_pipeline(model: torch.nn.Module, topo: Topology) -> None:
+    # transformers' naive pipeline forward blocks in its own p2p calls; our blocking points
+    # go over the router instead (attach_pipeline), so the plain forward runs on every stage.
+    model.__dict__.pop("forward", None)
+    base = getattr(model, model.base_model_prefix)
+    if topo.pp_rank > 0 and type(base.embed_tokens).__name__ == "PipelineIdentityLayer":
+        base.embed_tokens = StagePlaceholder(model.config.hidden_size, model.dtype)
+
+
+def placements(model: torch.nn.Module, topo: Topology, root: str = "model") -> dict[str, Placement]:
+    """The placement of every module of ``model`` (paths prefixed with ``root``)."""
+    config = model.config
+    prefix = model.base_model_prefix
+    layers = config.num_hidden_layers
+    last = topo.pp - 1
+    plan = {}
+    if topo.tp > 1:
+        plan = dict(getattr(model, "tp_plan", None) or getattr(model, "_tp_plan", None) or {})
+    patterns = [(re.compile("^" + re.escape(k).replace(r"\*", r"\d+") + "$"), v) for k, v in plan.items()]
+
+    def owner(name: str) -> Optional[int]:
+        if topo.pp == 1:
+            return 0
+        if name == prefix or name == "":
+            return None if name == "" else last
+        m = re.match(rf"^{re.escape(prefix)}\.layers\.(\d+)(\.|$)", name)
+        if m:
+            i = int(m.group(1))
+            return next(s for s in range(topo.pp) if layer_range(s, topo.pp, layers)[0] <= i < layer_range(s, topo.pp, layers)[1])
+        if name.startswith(f"{prefix}.embed_tokens"):
+            return 0
+        if name.startswith(f"{prefix}.norm") or name.startswith("lm_head"):
+            return last
+        if name == f"{prefix}.layers":
+            return last
+        return None
+
+    table = {}
+    for name, _ in model.named_modules():
+        stage = owner(name)
+        style = next((v for rx, v in patterns if rx.match(name)), None)
+        inp, out = STYLES.get(style, (WHOLE, WHOLE))
+        stages = range(topo.pp) if stage is None else [stage]
+        ranks = tuple(topo.rank_of(s, t) for s in stages for t in range(topo.tp))
+        path = f"{root}.{name}" if name else root
+        table[path] = Placement(path, stage, ranks, inp, out)
+    if topo.pp > 1:
+        # The base model's input is the same on every stage; its output is the last stage's.
+        base = f"{root}.{prefix}"
+        p = table[base]
+        table[base] = Placement(base, last, p.ranks, WHOLE, WHOLE)
+    return table
+
+
+def attach_pipeline(model: torch.nn.Module, topo: Topology, interleaver: Any, router: Any, root: str = "model") -> None:
+    """Put the engine's stage-to-stage transfers on the router, as router-aware waits."""
+    if topo.pp == 1:
+        return
+    prefix = model.base_model_prefix
+    start, end = layer_range(topo.pp_rank, topo.pp, model.config.num_hidden_layers)
+    points = interleaver.points
+    stage, last = topo.pp_rank, topo.pp - 1
+    prev_rank = topo.rank_of(stage - 1, topo.tp_rank) if stage > 0 else None
+    next_rank = topo.rank_of(stage + 1, topo.tp_rank) if stage < last else None
+
+    if stage > 0:
+        def receive_hidden(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            hidden = router.wait(("h", interleaver.step), "hidden states", prev_rank)
+            if args:
+                return (hidden.to(args[0].device), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden}
+
+        points[f"{root}.{prefix}.layers.{start}"].before = receive_hidden
+
+    if stage < last:
+        def send_hidden(out: Any) -> Any:
+            router.send(next_rank, ("h", interleaver.step), out)
+            return out
+
+        def receive_logits(out: Any) -> Any:
+            return router.wait(("logits", interleaver.step), "logits", topo.rank_of(last, topo.tp_rank)).to(out.device)
+
+        points[f"{root}.{prefix}.layers.{end - 1}"].after = send_hidden
+        points[f"{root}.lm_head"].after = receive_logits
+    else:
+        def send_logits(out: Any) -> Any:
+            router.broadcast(("logits", interleaver.step), out)
+            return out
+
+        points[f"{root}.lm_head"].after = send_logits
