@@ -19,6 +19,8 @@ not race them) and completed at the end of each trace.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from typing import Any, Callable, Optional
 
 import torch
@@ -65,19 +67,48 @@ def decode(structure: Any, tensors: list[torch.Tensor]) -> Any:
     return structure
 
 
+class Completion:
+    """Completion of point-to-point works, observable without blocking.
+
+    gloo reports a send or receive as completed only once someone waits on it, so a daemon
+    thread waits (it touches no tensor) and the model's thread polls :meth:`done`.
+    """
+
+    def __init__(self, works: list) -> None:
+        self._event = threading.Event()
+        self._error: Optional[BaseException] = None
+        threading.Thread(target=self._run, args=(works,), daemon=True).start()
+
+    def _run(self, works: list) -> None:
+        try:
+            for work in works:
+                work.wait()
+        except BaseException as e:  # reported to the polling thread by done()
+            self._error = e
+        finally:
+            self._event.set()
+
+    def done(self) -> bool:
+        """True once every work completed; raises the error of a failed one."""
+        if not self._event.is_set():
+            return False
+        if self._error is not None:
+            raise self._error
+        return True
+
+
 class _Incoming:
     """One incoming stream: the posted header receive."""
 
     def __init__(self, peer: int, group: Any) -> None:
         self.peer = peer
         self.group = group
-        self.header = torch.zeros(3, dtype=torch.long)
-        self.work = dist.irecv(self.header, src=peer, group=group)
         self.received: Any = None
+        self.repost()
 
     def repost(self) -> None:
         self.header = torch.zeros(3, dtype=torch.long)
-        self.work = dist.irecv(self.header, src=self.peer, group=self.group)
+        self.work = Completion([dist.irecv(self.header, src=self.peer, group=self.group)])
 
 
 class Router:
@@ -94,6 +125,7 @@ class Router:
         self.sends: list[tuple[Any, list[torch.Tensor]]] = []
         self.messages = 0
         self.bytes = 0
+        self.closed = False
         #: Called with (source rank, key, value) for each message of the current trace.
         self.on_message: Optional[Callable[[int, tuple, Any], None]] = None
 
@@ -110,7 +142,7 @@ class Router:
         header = torch.tensor([self.trace, meta_t.numel(), len(tensors)], dtype=torch.long)
         keep = [header, meta_t, *tensors]
         works = [dist.isend(t, dst=dst, group=self.group) for t in keep]
-        self.sends.append((works, keep))
+        self.sends.append((Completion(works), keep))
         self.messages += 1
         self.bytes += sum(t.numel() * t.element_size() for t in tensors)
 
@@ -121,11 +153,9 @@ class Router:
 
     def complete_sends(self) -> None:
         """Wait until every queued send has left (bounded by the timeout)."""
-        for works, _ in self.sends:
-            for work in works:
-                self.failures.wait(lambda: lost_contact(work.is_completed, -1), "a send to complete",
-                                   "its receiver", self.poll)
-                lost_contact(work.wait, -1)
+        for completion, _ in self.sends:
+            self.failures.wait(lambda: lost_contact(completion.done, -1), "a send to complete",
+                               "its receiver", self.poll)
         self.sends.clear()
 
     # ------------------------------------------------------------------ receiving
@@ -134,8 +164,7 @@ class Router:
         """Drain every message that has arrived; True if there was any."""
         got = False
         for stream in self.incoming.values():
-            while lost_contact(stream.work.is_completed, stream.peer):
-                lost_contact(stream.work.wait, stream.peer)
+            while lost_contact(stream.work.done, stream.peer):
                 lost_contact(lambda: self._receive(stream), stream.peer)
                 self._deliver(stream)
                 got = True
@@ -174,6 +203,32 @@ class Router:
         """A router-aware wait: drain streams (serving arrivals) until ``key`` arrives."""
         self.failures.wait(lambda: (self.trace, key) in self.mailbox, what, source, self.poll)
         return self.take(key)[1]
+
+    def close(self, seconds: float = 10.0) -> None:
+        """Say goodbye on every stream and wait for the peers' goodbyes (at exit).
+
+        A receive still posted when the process group is torn down aborts the process; the
+        goodbyes complete every posted receive first. Best effort: a dead peer is given up on.
+        """
+        if self.closed or not dist.is_initialized():
+            return
+        self.closed = True
+        bye = torch.tensor([-1, 0, 0], dtype=torch.long)
+        sent = Completion([dist.isend(bye, dst=peer, group=self.group) for peer in self.peers])
+        waiting = dict(self.incoming)
+        deadline = time.monotonic() + seconds
+        try:
+            while (waiting or not sent.done()) and time.monotonic() < deadline:
+                for peer, stream in list(waiting.items()):
+                    if stream.work.done():
+                        if int(stream.header[0]) == -1:
+                            del waiting[peer]
+                        else:
+                            self._receive(stream)
+                            stream.received = None
+                time.sleep(0.001)
+        except (RuntimeError, dist.DistError):
+            pass
 
     def next_trace(self) -> None:
         """Start a new trace: forget what is left of the last one."""

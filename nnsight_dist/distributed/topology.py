@@ -9,6 +9,7 @@ model; ``dp`` replicas trace their own inputs. Nobody else does rank arithmetic.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
@@ -141,7 +142,8 @@ class Topology:
         return [self.rank_of(s, t) for t in range(self.tp)]
 
     def group(self, name: str):
-        """The process group ``"tp"`` (this stage), ``"replica"`` (pp × tp) or ``"world"``."""
+        """The process group ``"tp"`` (this stage), ``"replica"`` (pp × tp), ``"router"`` (the
+        replica's ranks, for point-to-point streams only) or ``"world"``."""
         return self._groups.get(name)
 
     def __str__(self) -> str:
@@ -150,6 +152,23 @@ class Topology:
 
 
 _TOPOLOGY: Optional[Topology] = None
+_AT_EXIT: list = []
+
+
+def at_exit(fn) -> None:
+    """Run ``fn()`` when the process ends, before the process group is torn down."""
+    _AT_EXIT.append(fn)
+
+
+def _shutdown() -> None:
+    for fn in reversed(_AT_EXIT):
+        try:
+            fn()
+        except Exception:  # best effort at exit: a failing hook must not block the others
+            pass
+    _AT_EXIT.clear()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def current() -> Optional[Topology]:
@@ -201,6 +220,7 @@ def init(tp: Optional[int] = None, pp: Optional[int] = None, backend: Optional[s
             dist.init_process_group(backend or ("nccl" if cuda else "gloo"), rank=launch.rank,
                                     world_size=launch.world_size, timeout=timedelta(seconds=seconds))
         _build_groups(topo, cuda)
+        atexit.register(_shutdown)
     _TOPOLOGY = topo
     return topo
 
@@ -222,6 +242,10 @@ def _build_groups(topo: Topology, cuda: bool) -> None:
         group = dist.new_group(ranks, backend=control, timeout=timeout)
         if topo.rank in ranks:
             topo._groups["replica"] = group
+        # The router's point-to-point streams get a group of their own.
+        group = dist.new_group(ranks, backend=control, timeout=timeout)
+        if topo.rank in ranks:
+            topo._groups["router"] = group
     topo._groups["world"] = dist.new_group(list(range(topo.world_size)), backend=control, timeout=timeout)
 
 

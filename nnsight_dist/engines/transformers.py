@@ -81,7 +81,8 @@ def _adjusted(topo: Topology):
     original_apply = mixin.apply_tensor_parallelism
 
     def apply_existing(model: torch.nn.Module, mesh: Any, plan: dict[str, str]):
-        names = {n for n, _ in model.named_modules()} | {n for n, _ in model.named_parameters()}
+        names = {n for n, m in model.named_modules() if type(m).__name__ != "PipelineIdentityLayer"}
+        names |= {n for n, _ in model.named_parameters()}
         return original_apply(model, mesh, {k: v for k, v in plan.items() if k in names})
 
     saved = mixin.initialize_distributed_mesh, mixin.apply_tensor_parallelism
@@ -121,6 +122,35 @@ class StagePlaceholder(torch.nn.Module):
         return torch.zeros(*input_ids.shape, self.hidden, dtype=self.dtype, device=input_ids.device)
 
 
+class LayerPlaceholder(torch.nn.Module):
+    """A decoder layer owned by another stage. It holds the layer's submodules, weightless on
+    the meta device, so the module tree (and every path a user can write) is the same on
+    every rank; its forward passes the hidden states through."""
+
+    def __init__(self, skeleton: torch.nn.Module) -> None:
+        super().__init__()
+        for module in skeleton.modules():
+            # No parameters at all: transformers reads the model's device and dtype off
+            # its first parameter, which must not be a placeholder's.
+            module._parameters.clear()
+            module._buffers.clear()
+        for name, child in skeleton.named_children():
+            self.add_module(name, child)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return args[0] if args else next(iter(kwargs.values()))
+
+
+def _skeleton(template: torch.nn.Module, config: Any, index: int) -> torch.nn.Module:
+    with torch.device("meta"):
+        try:
+            return type(template)(config, index)
+        except TypeError:
+            import copy
+
+            return copy.deepcopy(template).to("meta")
+
+
 def _own_pipeline(model: torch.nn.Module, topo: Topology) -> None:
     # transformers' naive pipeline forward blocks in its own p2p calls; our blocking points
     # go over the router instead (attach_pipeline), so the plain forward runs on every stage.
@@ -128,6 +158,11 @@ def _own_pipeline(model: torch.nn.Module, topo: Topology) -> None:
     base = getattr(model, model.base_model_prefix)
     if topo.pp_rank > 0 and type(base.embed_tokens).__name__ == "PipelineIdentityLayer":
         base.embed_tokens = StagePlaceholder(model.config.hidden_size, model.dtype)
+    start, end = layer_range(topo.pp_rank, topo.pp, len(base.layers))
+    template = base.layers[start]
+    for i in range(len(base.layers)):
+        if not start <= i < end:
+            base.layers[i] = LayerPlaceholder(_skeleton(template, model.config, i))
 
 
 def placements(model: torch.nn.Module, topo: Topology, root: str = "model") -> dict[str, Placement]:
