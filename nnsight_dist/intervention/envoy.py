@@ -142,9 +142,12 @@ class Envoy(Interventions):
         if module is None or name.startswith("__"):
             raise AttributeError(name)
         try:
-            return getattr(module, name)
+            value = getattr(module, name)
         except AttributeError:
             pass
+        else:
+            # A tensor-parallel parameter is shown whole (DTensor.full_tensor, a collective).
+            return value.full_tensor() if hasattr(value, "full_tensor") else value
         near = difflib.get_close_matches(name, [*named, *aliases], n=3)
         hint = f" Did you mean: {', '.join(near)}?" if near else ""
         children = ", ".join(named) or "none"

@@ -29,7 +29,8 @@ class IteratorProxy:
         if key.stop is not None:
             return StepLoop(self.interleaver, range(start, key.stop, step), False)
         if self.bound is not None:
-            return StepLoop(self.interleaver, range(start, self.bound, step), False)
+            # Open-ended: generation may stop before the bound (an end-of-sequence token).
+            return StepLoop(self.interleaver, range(start, self.bound, step), True)
         return StepLoop(self.interleaver, _count(start, step), True)
 
 

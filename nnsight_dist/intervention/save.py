@@ -31,9 +31,25 @@ def _method_save(self: T) -> T:
 
 
 def add_save_method(cls: type) -> None:
-    """Give instances of ``cls`` a ``.save()`` method (tensors, model outputs)."""
-    if not hasattr(cls, "save"):
-        cls.save = _method_save
+    """Give instances of ``cls`` a ``.save()`` method (tensors, model outputs).
+
+    Outside an nnsight_dist trace the call goes to whatever ``save`` the class had before
+    (another library's, nnsight's for instance), so both can live in one process.
+    """
+    if getattr(cls.__dict__.get("save"), "_nnsight_dist", False):
+        return
+    previous = getattr(cls, "save", None)
+
+    def method(self):
+        if _REGISTRIES:
+            return save(self)
+        # A save installed before us, or later on a base class (nnsight mounts one on object).
+        other = previous or next((k.__dict__["save"] for k in cls.__mro__[1:] if "save" in k.__dict__), None)
+        return save(self) if other is None else other(self)
+
+    method.__doc__ = _method_save.__doc__
+    method._nnsight_dist = True
+    cls.save = method
 
 
 class SaveableTuple(tuple):

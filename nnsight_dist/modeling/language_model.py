@@ -105,8 +105,14 @@ class LanguageModel(NNsight):
     def config(self) -> Any:
         return self._module.config
 
+    def trace(self, *inputs: Any, **kwargs: Any) -> InterleavingTracer:
+        """A tracer running the model once on ``inputs`` (or ``input_ids=...`` keywords)."""
+        inputs, kwargs = _keyword_prompt(inputs, kwargs)
+        return InterleavingTracer(self, self._forward, inputs, kwargs)
+
     def generate(self, *inputs: Any, **kwargs: Any) -> InterleavingTracer:
         """A tracer around ``model.generate``; each new token is one step (``tracer.iter``)."""
+        inputs, kwargs = _keyword_prompt(inputs, kwargs)
         steps = kwargs.get("max_new_tokens")
         return InterleavingTracer(self, self._generate, inputs, kwargs, steps=steps)
 
@@ -148,6 +154,7 @@ class LanguageModel(NNsight):
         rows: list[list[int]] = []
         groups: list[Optional[tuple[int, int]]] = []
         for args, kwargs in inputs:
+            args, kwargs = _keyword_prompt(args, kwargs)
             if not args:
                 groups.append(None)
                 continue
@@ -164,9 +171,13 @@ class LanguageModel(NNsight):
             ids[i, sl] = torch.tensor(r, dtype=torch.long)
             mask[i, sl] = 1
         device = self._module.device
-        return (), {"input_ids": ids.to(device), "attention_mask": mask.to(device)}, groups, len(rows)
+        batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        return (), batch, groups, len(rows)
 
     def _forward(self, args: tuple, kwargs: dict) -> Any:
+        if "position_ids" not in kwargs and "attention_mask" in kwargs:
+            # As generate does: padded rows count positions from their first real token.
+            kwargs["position_ids"] = (kwargs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         if self._placements is not None:
             # Sharded runs are inference: the engines' local fast paths, no autograd views
             # forbidding in-place edits of their outputs.
@@ -178,3 +189,12 @@ class LanguageModel(NNsight):
         if self.tokenizer is not None and "pad_token_id" not in kwargs:
             kwargs["pad_token_id"] = self.tokenizer.pad_token_id
         return self._module.generate(*args, **kwargs)
+
+
+def _keyword_prompt(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``input_ids=``/``attention_mask=`` keywords as one tokenizer-dict prompt."""
+    if args or "input_ids" not in kwargs:
+        return args, kwargs
+    kwargs = dict(kwargs)
+    prompt = {k: kwargs.pop(k) for k in ("input_ids", "attention_mask") if k in kwargs}
+    return (prompt,), kwargs

@@ -44,6 +44,9 @@ class Body:
     lineno: int
     #: Names the body binds: the candidates for writing back into the caller's scope.
     names: frozenset
+    #: The body is only ``pass``/constants: Python runs it outside the ``with`` block's
+    #: exception handling, so it must not be skipped by raising (running it is harmless).
+    trivial: bool = False
 
     def bind(self, namespace: dict) -> Callable[[], Any]:
         """Return the body as a function whose globals are ``namespace``."""
@@ -168,7 +171,9 @@ def _compile(frame: FrameType) -> Body:
     except SyntaxError as e:
         raise TracingSourceError(f"cannot compile the body at {filename}:{node.lineno}: {e}") from e
     fn_code = next(c for c in code.co_consts if isinstance(c, CodeType))
-    return Body(fn_code, filename, node.lineno, frozenset(finder.names))
+    trivial = all(isinstance(st, ast.Pass) or (isinstance(st, ast.Expr) and isinstance(st.value, ast.Constant))
+                  for st in node.body)
+    return Body(fn_code, filename, node.lineno, frozenset(finder.names), trivial)
 
 
 def namespace(frame: FrameType) -> dict:

@@ -13,8 +13,12 @@ the caller's scope afterwards, also when the run failed.
 
 from __future__ import annotations
 
+import os
 import sys
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+
+import torch
 
 from ..intervention.cache import Cache, CacheDict
 from ..intervention.eproperty import eproperty
@@ -41,7 +45,7 @@ class _Block:
     def __enter__(self) -> Any:
         self._frame = sys._getframe(1)
         self._body = capture(self._frame)
-        self._restore = skip_body(self._frame)
+        self._restore = _nothing if self._body.trivial else skip_body(self._frame)
         return self._entered()
 
     def _entered(self) -> Any:
@@ -49,14 +53,41 @@ class _Block:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self._restore()
-        if exc_type is None or not issubclass(exc_type, SkipBody):
+        if exc_type is not None and not issubclass(exc_type, SkipBody):
             return False
         frame, self._frame = self._frame, None
-        self._captured(self._body.bind(namespace(frame)), frame)
+        try:
+            self._captured(self._body.bind(namespace(frame)), frame)
+        except Exception as error:
+            # Show the user's frames, not the library's, and not the SkipBody it came from.
+            raise error.with_traceback(user_frames(error.__traceback__)) from None
         return True
 
     def _captured(self, fn: Callable[[], Any], frame) -> None:
         raise NotImplementedError
+
+
+def _nothing() -> None:
+    return None
+
+
+_INTERNAL = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
+             os.path.join(os.path.dirname(torch.__file__), "nn", "modules") + os.sep)
+
+
+def user_frames(tb: Optional[TracebackType]) -> Optional[TracebackType]:
+    """``tb`` without the frames of nnsight_dist and of torch's module call machinery."""
+    kept = []
+    while tb is not None:
+        if not tb.tb_frame.f_code.co_filename.startswith(_INTERNAL):
+            kept.append(tb)
+        tb = tb.tb_next
+    if not kept:
+        return None
+    head = None
+    for frame_tb in reversed(kept):
+        head = TracebackType(head, frame_tb.tb_frame, frame_tb.tb_lasti, frame_tb.tb_lineno)
+    return head
 
 
 class Invoker(_Block):
@@ -145,8 +176,7 @@ class InterleavingTracer(_Block):
             raise NotTracingError("tracer.cache(...) is only available inside a trace body")
         cache = Cache(device=device, dtype=dtype, detach=detach)
         targets = self.model.modules() if modules is None else [
-            self.model.get(m.removeprefix(self.model.path + ".")) if isinstance(m, str) else m
-            for m in modules
+            self._module_at(m) if isinstance(m, str) else m for m in modules
         ]
         group = med.group
 
@@ -159,6 +189,16 @@ class InterleavingTracer(_Block):
             if include_inputs:
                 il.observe(f"{envoy.path}.input", cache.recorder(envoy.path, "inputs", narrow))
         return saving.save(cache.cache)
+
+    def _module_at(self, path: str) -> Any:
+        """The envoy at a full path (``"model.model.layers.0"``) or a relative one."""
+        root = self.model.path + "."
+        if path.startswith(root):
+            try:
+                return self.model.get(path[len(root):])
+            except AttributeError:
+                pass
+        return self.model.get(path)
 
     # ------------------------------------------------------------------ running
 

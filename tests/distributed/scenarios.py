@@ -1,0 +1,94 @@
+"""Named values for the conformance suite: the same intervention code, run in one process and
+on sharded topologies, must give the same values (DESIGN.md §5, the hard cases)."""
+
+from __future__ import annotations
+
+import torch
+
+import nnsight_dist as nd
+
+PROMPTS = ["The Eiffel Tower is in the city of", "Hello world"]
+
+
+def trace_values(model) -> dict[str, torch.Tensor]:
+    """Every named value of the suite, computed with ``model`` (a tiny 4-layer llama/qwen2)."""
+    layers = model.model.layers
+    v: dict[str, torch.Tensor] = {}
+
+    with model.trace(PROMPTS[0]) as tracer:
+        q = layers[0].self_attn.q_proj.output.save()                 # colwise output
+        d_in = layers[0].mlp.down_proj.input.save()                   # rowwise input
+        d_out = layers[0].mlp.down_proj.output.save()                 # rowwise output
+        args, kwargs = layers[1].inputs
+        l1_in = args[0].save()
+        h3 = layers[3].output.clone().save()                          # a stage-1 read
+        logits = model.lm_head.output.save()
+        out = model.output.logits.save()                              # model.output
+        result = tracer.result.logits.save()                          # tracer.result
+    v.update(colwise_output=q, rowwise_input=d_in, rowwise_output=d_out, inputs_args=l1_in,
+             stage1_read=h3, logits=logits, model_output=out, tracer_result=result)
+
+    with model.trace(PROMPTS[0]):
+        layers[0].mlp.down_proj.output[:, -1] = 0                     # rowwise output, in place
+        layers[2].mlp.output = layers[2].mlp.output * 0.5             # stage-1 write
+        written = model.lm_head.output.save()
+    v["stage1_write_logits"] = written
+
+    with model.trace(PROMPTS[0]):
+        attn = layers[3].self_attn.output[0]                          # stage-1 read, then
+        layers[3].mlp.output[:] = attn                                # an edit of stage 1
+        read_edit = model.lm_head.output.save()
+    v["read_then_edit_logits"] = read_edit
+
+    with model.trace() as tracer:                                     # stage 0 -> stage 1
+        barrier = tracer.barrier(2)
+        with tracer.invoke(PROMPTS[1]):
+            h0 = layers[0].output[:, -1]
+            barrier()
+        with tracer.invoke(PROMPTS[1]):
+            barrier()
+            layers[2].output[:, -1] = h0
+            patched = model.lm_head.output.save()
+    v["barrier_patch_logits"] = patched
+
+    with model.trace() as tracer:                                     # batched invokes + edit
+        with tracer.invoke(PROMPTS[0]):
+            layers[1].output[:] = 0
+            a = model.lm_head.output.save()
+        with tracer.invoke(PROMPTS[1]):
+            b = model.lm_head.output.save()
+    v.update(batched_edit_a=a, batched_b=b)
+
+    with model.trace(PROMPTS[0]) as tracer:                           # stop() on stage 0
+        early = layers[0].output.save()
+        tracer.stop()
+    v["stop_stage0"] = early
+
+    with model.trace(PROMPTS[0]):                                     # skip a stage-1 layer
+        layers[2].skip(layers[2].input)
+        skipped = model.lm_head.output.save()
+    v["skip_stage1_logits"] = skipped
+
+    with model.trace(PROMPTS[0]):                                     # ad-hoc sharded call
+        x = layers[0].mlp.input
+        gate = layers[0].mlp.gate_proj(x).save()
+        down = layers[0].mlp.down_proj(torch.ones(*x.shape[:-1], model.config.intermediate_size)).save()
+    v.update(adhoc_colwise=gate, adhoc_rowwise=down)
+
+    with model.trace(PROMPTS[0]) as tracer:                           # a cache over both stages
+        cache = tracer.cache(modules=[layers[0].mlp, layers[3].mlp, model.lm_head], include_inputs=True)
+    v["cache_stage0"] = cache["model.model.layers.0.mlp"].output
+    v["cache_stage1"] = cache["model.model.layers.3.mlp"].output
+    v["cache_stage1_input"] = cache["model.model.layers.3.mlp"].input
+    v["cache_lm_head"] = cache.model.lm_head.output
+
+    v["param_colwise"] = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+
+    with model.generate(PROMPTS[1], max_new_tokens=3, do_sample=False) as tracer:
+        steps = nd.save([])
+        for _ in tracer.iter[:3]:
+            steps.append(layers[3].output[:, -1].clone())             # stage 1 at every step
+        tokens = tracer.result.save()
+    v["generate_steps"] = torch.stack(steps)
+    v["generate_tokens"] = tokens
+    return {k: t.detach().clone() for k, t in v.items()}

@@ -1,0 +1,150 @@
+"""``model.generate``: per-step access with ``tracer.iter`` / ``all`` / ``next``, results, edits.
+
+The reference is ``generate`` on the separately loaded model, with a forward hook on
+``lm_head`` recording its output at each call (one call per generation step).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nnsight_dist as nd
+from conftest import LONG, SAME_LEN, SHORT, equal, recorder
+
+PROMPT = SAME_LEN[0]
+STEPS = 3
+GEN = dict(max_new_tokens=STEPS, do_sample=False)
+
+
+def _reference(tiny, prompts=PROMPT, *hooks):
+    logits = []
+    ids = tiny.ref_generate(prompts, (tiny.ref.lm_head, "forward", recorder(logits)), *hooks, **GEN)
+    assert len(logits) == STEPS
+    return ids, logits
+
+
+def test_iter_every_step_and_result(tiny):
+    with tiny.model.generate(PROMPT, **GEN) as tracer:
+        steps = nd.save([])
+        for step in tracer.iter[:3]:
+            steps.append(tiny.model.lm_head.output)
+        tokens = tracer.result.save()
+    ids, logits = _reference(tiny)
+    equal(tokens, ids)
+    assert len(steps) == STEPS
+    for got, ref in zip(steps, logits):
+        equal(got, ref)
+
+
+def test_iter_single_step(tiny):
+    with tiny.model.generate(PROMPT, **GEN) as tracer:
+        seen = nd.save([])
+        for step in tracer.iter[1]:
+            seen.append((step, tiny.model.lm_head.output))
+    _, logits = _reference(tiny)
+    assert [s for s, _ in seen] == [1]
+    equal(seen[0][1], logits[1])
+
+
+def test_iter_slice(llama):
+    with llama.model.generate(PROMPT, **GEN) as tracer:
+        seen = nd.save([])
+        for step in tracer.iter[0:2]:
+            seen.append((step, llama.model.lm_head.output))
+    _, logits = _reference(llama)
+    assert [s for s, _ in seen] == [0, 1]
+    for step, value in seen:
+        equal(value, logits[step])
+
+
+def test_all(llama):
+    with llama.model.generate(PROMPT, **GEN) as tracer:
+        seen = nd.save([])
+        for step in tracer.all():
+            seen.append((step, llama.model.lm_head.output))
+    _, logits = _reference(llama)
+    assert [s for s, _ in seen] == list(range(STEPS))
+    for step, value in seen:
+        equal(value, logits[step])
+
+
+def test_next(llama):
+    with llama.model.generate(PROMPT, **GEN) as tracer:
+        first = llama.model.lm_head.output.save()
+        tracer.next()
+        second = llama.model.lm_head.output.save()
+        tracer.next()
+        third = llama.model.lm_head.output.save()
+    _, logits = _reference(llama)
+    for got, ref in zip((first, second, third), logits):
+        equal(got, ref)
+
+
+def test_edit_in_one_step(tiny):
+    L, R = tiny.layers(), tiny.layers(tiny.ref)
+    with tiny.model.generate(PROMPT, **GEN) as tracer:
+        steps = nd.save([])
+        for step in tracer.iter[:3]:
+            if step == 1:
+                L[1].output[:] = 0
+            steps.append(tiny.model.lm_head.output)
+        tokens = tracer.result.save()
+
+    calls = []
+
+    def zero_on_second_call(m, a, o):
+        calls.append(1)
+        if len(calls) == 2:
+            o[:] = 0
+
+    ids, logits = _reference(tiny, PROMPT, (R[1], "forward", zero_on_second_call))
+    _, plain = _reference(tiny)
+    equal(tokens, ids)
+    for got, ref in zip(steps, logits):
+        equal(got, ref)
+    equal(steps[0], plain[0])
+    assert not torch.equal(steps[1], plain[1])
+
+
+def test_generate_two_invokes(tiny):
+    with tiny.model.generate(**GEN) as tracer:
+        with tracer.invoke(LONG):
+            long_steps = nd.save([])
+            for step in tracer.iter[:3]:
+                long_steps.append(tiny.model.lm_head.output)
+        with tracer.invoke(SHORT):
+            short_steps = nd.save([])
+            for step in tracer.iter[:3]:
+                short_steps.append(tiny.model.lm_head.output)
+        tokens = tracer.result.save()
+    ids, logits = _reference(tiny, [LONG, SHORT])
+    equal(tokens, ids)
+    for step in range(STEPS):
+        equal(long_steps[step], logits[step][0:1])
+        equal(short_steps[step], logits[step][1:2])
+
+
+def _force_eos(tiny):
+    """A forward hook making eos the argmax at the last position (generation then stops)."""
+    eos = tiny.tok.eos_token_id
+
+    def hook(m, a, o):
+        o[:, -1, eos] = o.abs().max() * 10
+
+    return hook
+
+
+def test_all_ends_quietly_when_generation_stops_early(tiny):
+    eos = tiny.tok.eos_token_id
+    with tiny.model.generate(PROMPT, **GEN) as tracer:
+        steps = nd.save([])
+        for step in tracer.all():
+            tiny.model.lm_head.output[:, -1, eos] = tiny.model.lm_head.output.abs().max() * 10
+            steps.append(tiny.model.lm_head.output)
+    logits = []
+    ids = tiny.ref_generate(PROMPT, (tiny.ref.lm_head, "forward", _force_eos(tiny)),
+                            (tiny.ref.lm_head, "forward", recorder(logits)), **GEN)
+    assert ids.shape[1] == tiny.encode(PROMPT)["input_ids"].shape[1] + 1  # stopped after one step
+    assert len(steps) == len(logits) == 1
+    equal(steps[0], logits[0])
