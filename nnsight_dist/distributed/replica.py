@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -61,6 +61,7 @@ class ReplicaSeam(Seam):
                                                         self.failures, location, key == "input")
         self.log: list[tuple[int, int, str]] = []
         self._ended = False
+        self.attribute_reads = 0
 
     # ------------------------------------------------------------------ seam
 
@@ -77,6 +78,36 @@ class ReplicaSeam(Seam):
                 del self.router.mailbox[(trace, key)]
                 return True, value
         return False, None
+
+    def attribute(self, path: str, name: str, local: Callable[[], Any]) -> Any:
+        """Tensors (parameters, buffers) of a module owned by one stage come from that stage:
+        the other stages hold the module without weights."""
+        location = f"{path}.output"
+        stage = self.owner.get(location)
+        if stage is None or self.topo.pp == 1:
+            return local()
+        router = self.router
+        if location in self.remote:
+            try:
+                return local()
+            except AttributeError:
+                pass
+            self.attribute_reads += 1
+            source = self.topo.rank_of(stage, self.topo.tp_rank)
+            found = router.wait(("p", path, name, self.attribute_reads), f"attribute {name} of {path}", source)
+            if found is None:
+                raise AttributeError(name)
+            return found["value"]
+        try:
+            value = local()
+        except AttributeError:
+            self.attribute_reads += 1
+            router.broadcast(("p", path, name, self.attribute_reads), None)
+            raise
+        if isinstance(value, torch.Tensor):
+            self.attribute_reads += 1
+            router.broadcast(("p", path, name, self.attribute_reads), {"value": value})
+        return value
 
     def observed(self, observer: int, visit: int, location: str, value: Any) -> None:
         if self.owner.get(location) is not None:

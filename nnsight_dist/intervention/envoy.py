@@ -25,6 +25,11 @@ from .interleaver import Interleaver
 Rename = dict[str, Union[str, list[str]]]
 
 
+def _whole(value: Any) -> Any:
+    """A tensor-parallel parameter whole (``DTensor.full_tensor``, a collective), else as is."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
+
+
 class Interventions:
     """What a location-bearing proxy offers inside a trace: ``.output``, ``.inputs``,
     ``.input`` and ``.skip``. Needs ``path`` and ``interleaver`` attributes."""
@@ -142,12 +147,9 @@ class Envoy(Interventions):
         if module is None or name.startswith("__"):
             raise AttributeError(name)
         try:
-            value = getattr(module, name)
+            return self.interleaver.seam.attribute(self.path, name, lambda: _whole(getattr(module, name)))
         except AttributeError:
             pass
-        else:
-            # A tensor-parallel parameter is shown whole (DTensor.full_tensor, a collective).
-            return value.full_tensor() if hasattr(value, "full_tensor") else value
         near = difflib.get_close_matches(name, [*named, *aliases], n=3)
         hint = f" Did you mean: {', '.join(near)}?" if near else ""
         children = ", ".join(named) or "none"

@@ -18,7 +18,7 @@ names a served value across ranks.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 
 class Codec:
@@ -52,6 +52,13 @@ class Seam:
 
     def observed(self, observer: int, visit: int, location: str, value: Any) -> None:
         """An owned value of ``location`` passed observer ``observer`` at visit ``visit``."""
+
+    def attribute(self, path: str, name: str, local: Callable[[], Any]) -> Any:
+        """The attribute ``name`` of the module at ``path``; ``local()`` reads it here.
+
+        Raises ``AttributeError`` when the module has no such attribute.
+        """
+        return local()
 
     def begin(self) -> None:
         """A trace starts."""

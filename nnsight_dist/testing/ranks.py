@@ -6,18 +6,21 @@ every rank's result, or raises :class:`RanksFailed` with each rank's traceback. 
 from an imported parent costs a fraction of a second per group. Every group runs under
 its own timeout: children still alive at the deadline are killed and the call fails.
 
-Results travel back through a multiprocessing queue (pickled: this is test plumbing
-between a parent and its own children, not data from another rank of a job).
+Results travel back to the parent as ``torch.save`` bytes, loaded with
+``weights_only=True`` (tensors and plain containers only).
 """
 
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import queue
 import socket
 import traceback
 from typing import Any, Callable
+
+import torch
 
 
 class RanksFailed(AssertionError):
@@ -38,18 +41,21 @@ def free_port() -> int:
 def _child(fn: Callable, rank: int, world: int, port: int, env: dict, args: tuple, out: Any) -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", **env})
-    import torch
-
     torch.set_num_threads(1)
     from ..distributed import topology
 
     topology._TOPOLOGY = None
     try:
-        result = fn(rank, *args)
-        out.put((rank, "ok", result))
-    except BaseException as e:  # reported to the parent, which raises
-        out.put((rank, "error", (type(e).__name__, "".join(traceback.format_exception(e)))))
+        try:
+            result = ("ok", fn(rank, *args))
+        except BaseException as e:  # reported to the parent, which raises
+            result = ("error", (type(e).__name__, "".join(traceback.format_exception(e))))
+        buffer = io.BytesIO()
+        torch.save(result, buffer)
+        out.put((rank, buffer.getvalue()))
     finally:
+        out.close()
+        out.join_thread()  # the queue's feeder thread must flush before os._exit
         topology._shutdown()
         os._exit(0)
 
@@ -75,8 +81,8 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 1
     deadline = time.monotonic() + timeout
     while len(results) < world and time.monotonic() < deadline:
         try:
-            rank, status, value = out.get(timeout=0.2)
-            results[rank] = (status, value)
+            rank, payload = out.get(timeout=0.2)
+            results[rank] = torch.load(io.BytesIO(payload), weights_only=True)
         except queue.Empty:
             if all(not p.is_alive() for p in procs) and out.empty():
                 break
