@@ -16,10 +16,11 @@ from typing import Any, Callable, Optional
 
 import torch.distributed as dist
 
-from ..intervention.errors import RemoteError, RouterTimeout
+from ..intervention.errors import DivergenceError, NNsightError, RemoteError, RouterTimeout
 from .topology import Topology
 
 _CHECK_EVERY = 0.02
+_SHARED_KINDS = {"DivergenceError": DivergenceError, "RouterTimeout": RouterTimeout}
 
 
 class Failures:
@@ -34,24 +35,35 @@ class Failures:
     def _key(self, rank: int) -> str:
         return f"nnsight_dist/error/{self.trace}/{rank}"
 
-    def publish(self, message: str) -> None:
-        """Tell the replica that this rank's trace failed with ``message``."""
+    def publish(self, error: BaseException) -> None:
+        """Tell the replica that this rank's trace failed with ``error``."""
         if self._store is None:
             return
-        payload = json.dumps({"rank": self.topo.rank, "message": message})
-        self._store.set(self._key(self.topo.rank), payload)
+        payload = json.dumps({"rank": self.topo.rank, "type": type(error).__name__, "message": str(error)})
+        try:
+            self._store.set(self._key(self.topo.rank), payload)
+        except (RuntimeError, dist.DistError):
+            pass  # the store is gone (its host rank died): the others find out by themselves
 
-    def remote(self) -> Optional[RemoteError]:
-        """The error another rank of the replica published for this trace, if any."""
+    def remote(self) -> Optional[NNsightError]:
+        """The error another rank of the replica published for this trace, if any.
+
+        A divergence or a timeout seen elsewhere is raised here as the same error (naming
+        the rank that saw it); anything else as :class:`RemoteError`.
+        """
         if self._store is None:
             return None
-        for rank in self.topo.replica_ranks():
-            if rank == self.topo.rank:
-                continue
-            key = self._key(rank)
-            if self._store.check([key]):
-                data = json.loads(self._store.get(key).decode())
-                return RemoteError(data["rank"], data["message"])
+        try:
+            for rank in self.topo.replica_ranks():
+                key = self._key(rank)
+                if rank != self.topo.rank and self._store.check([key]):
+                    data = json.loads(self._store.get(key).decode())
+                    kind = _SHARED_KINDS.get(data["type"])
+                    if kind is not None:
+                        return kind(f"on rank {data['rank']}: {data['message']}")
+                    return RemoteError(data["rank"], f"{data['type']}: {data['message']}")
+        except (RuntimeError, dist.DistError):
+            return None
         return None
 
     def check(self, force: bool = False) -> None:

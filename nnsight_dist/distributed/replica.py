@@ -10,10 +10,11 @@ engine's placements:
 - every value served at an owned (non-replicated) location is pushed to the other stages
   once, without being asked; so is every value a whole-value cache observes.
 
-At the end of a trace (:meth:`ReplicaSeam.end`) every rank sends an end marker on each of
-its streams, drains its streams until it has every peer's marker (serving late arrivals),
-completes its sends and passes a cross-rank barrier comparing a digest of what it visited
-and served: a difference raises :class:`DivergenceError` naming the first one. A failed
+At the end of a trace (:meth:`ReplicaSeam.drain`) the ranks tell each other how many
+messages each sent to each, drain their streams until all have arrived (serving late
+arrivals), complete their sends, and pass a cross-rank barrier comparing a digest of what
+they served (:meth:`ReplicaSeam.close`): a difference raises :class:`DivergenceError`
+naming the first one. A failed
 trace publishes its error so the other ranks raise :class:`RemoteError` instead of waiting.
 """
 
@@ -27,7 +28,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from ..intervention.errors import DivergenceError
+from ..intervention.errors import DivergenceError, RemoteError, RouterTimeout
 from ..intervention.interleaver import Interleaver
 from ..intervention.seam import Seam
 from .failure import Failures
@@ -60,7 +61,7 @@ class ReplicaSeam(Seam):
                     self.codecs[location] = TensorCodec(placement, topo.group("tp"), topo.tp, topo.tp_rank,
                                                         self.failures, location, key == "input")
         self.log: list[tuple[int, int, str]] = []
-        self._ended = False
+        self._expected: Optional[dict[int, int]] = None
         self.attribute_reads = 0
 
     # ------------------------------------------------------------------ seam
@@ -144,40 +145,82 @@ class ReplicaSeam(Seam):
         self.router.next_trace()
         self.failures.trace = self.router.trace
         self.log = []
-        self._ended = False
+        self._expected: Optional[dict[int, int]] = None
 
     def drain(self) -> None:
-        """End markers out, every peer's end marker in (serving late arrivals), sends completed."""
+        """Take in every message of this trace (serving late arrivals); complete the sends.
+
+        The ranks exchange how many messages each sent to each (a collective, not a router
+        message: a trace whose values never cross stages costs the router nothing).
+        """
         router = self.router
-        if not self._ended:
-            self._ended = True
-            router.broadcast(("end", self.topo.rank), None)
-        for peer in router.peers:
-            router.wait(("end", peer), "the end of the trace", peer)
+        ranks = self.topo.replica_ranks()
+        if self._expected is None:
+            mine = torch.tensor([router.sent.get(r, 0) for r in ranks], dtype=torch.long)
+            parts = [torch.zeros(len(ranks), dtype=torch.long) for _ in ranks]
+            work = dist.all_gather(parts, mine, group=self.topo.group("replica"), async_op=True)
+            self.failures.wait_work(work, "the end of the trace", "the replica")
+            me = ranks.index(self.topo.rank)
+            self._expected = {peer: int(parts[ranks.index(peer)][me]) for peer in router.peers}
+        router.wait_received(self._expected)
         router.complete_sends()
+        self._check_leftovers()
+
+    def _check_leftovers(self) -> None:
+        """A value the owner served that no request here matches means the ranks diverged."""
+        for (trace, key), (source, _) in self.router.mailbox.items():
+            if trace == self.router.trace and key[0] == "v":
+                _, mediator, seq, location = key
+                waiting = [f"{m.wait.location} as request {s}" for (i, s), m in
+                           self.interleaver.remote_waiting.items() if i == mediator]
+                mine = f"; here it waits for {', '.join(waiting)}" if waiting else ""
+                raise DivergenceError(
+                    f"rank {source} served {location} as request {seq} of mediator {mediator}, which rank "
+                    f"{self.topo.rank} never asked for{mine}: the intervention code differs between ranks "
+                    "(branching on the rank inside a trace is not allowed)"
+                )
 
     def close(self) -> None:
         """The digest barrier (see the module docstring)."""
         self._barrier()
 
-    def fail(self, error: BaseException) -> None:
-        """Close a failed trace: publish the error; unblock ranks stuck waiting for this one."""
-        message = f"{type(error).__name__}: {error}"
-        self.failures.publish(message)
+    def fail(self, error: BaseException) -> Optional[BaseException]:
+        """Close a failed trace; returns the error to raise instead of ``error``, if any.
+
+        A failure that is a consequence of another rank's (a broken connection, a collective
+        that failed) is reported as that rank's error. Otherwise this rank's error is
+        published; ranks still blocked in a collective waiting for this one after a few
+        seconds are unblocked by tearing the process group down (their wait fails at once
+        and they read the published error) instead of waiting for the timeout.
+        """
+        broken = isinstance(error, dist.DistError) or "gloo" in str(error) or "NCCL" in str(error)
+        cause = self.failures.remote() if broken else None
+        if broken and cause is None:
+            if "timed out" in str(error).lower():
+                cause = RouterTimeout(
+                    f"rank {self.topo.rank} waited {self.topo.timeout:g} s in a collective of the engine that "
+                    f"another rank of the replica never joined ({error})"
+                )
+            else:
+                cause = RemoteError(-1, f"a rank of the replica stopped answering ({error}); it probably died")
+        if cause is None and not isinstance(error, RemoteError):
+            self.failures.publish(error)
         store = self.failures._store
-        if store is None:
-            return
-        store.set(f"nnsight_dist/done/{self.router.trace}/{self.topo.rank}", "failed")
-        # Ranks that are not done soon are blocked in a collective that waits for this rank:
-        # tearing the process group down makes their wait fail at once (they then read the
-        # published error) instead of at the timeout.
-        deadline = time.monotonic() + min(self.topo.timeout, 5.0)
-        others = [r for r in self.topo.replica_ranks() if r != self.topo.rank]
-        while time.monotonic() < deadline:
-            if store.check([f"nnsight_dist/done/{self.router.trace}/{r}" for r in others]):
-                return
-            time.sleep(0.01)
+        if store is None or not dist.is_initialized():
+            return cause
+        trace = self.router.trace
+        try:
+            store.set(f"nnsight_dist/done/{trace}/{self.topo.rank}", "failed")
+            deadline = time.monotonic() + min(self.topo.timeout, 5.0)
+            others = [f"nnsight_dist/done/{trace}/{r}" for r in self.topo.replica_ranks() if r != self.topo.rank]
+            while time.monotonic() < deadline:
+                if store.check(others):
+                    return cause
+                time.sleep(0.01)
+        except (RuntimeError, dist.DistError):
+            return cause
         dist.destroy_process_group()
+        return cause
 
     def _barrier(self) -> None:
         il = self.interleaver

@@ -125,6 +125,9 @@ class Router:
         self.sends: list[tuple[Any, list[torch.Tensor]]] = []
         self.messages = 0
         self.bytes = 0
+        #: Messages of the current trace sent to / received from each peer.
+        self.sent: dict[int, int] = dict.fromkeys(self.peers, 0)
+        self.received: dict[int, int] = dict.fromkeys(self.peers, 0)
         self.closed = False
         #: Called with (source rank, key, value) for each message of the current trace.
         self.on_message: Optional[Callable[[int, tuple, Any], None]] = None
@@ -143,6 +146,7 @@ class Router:
         keep = [header, meta_t, *tensors]
         works = [dist.isend(t, dst=dst, group=self.group) for t in keep]
         self.sends.append((Completion(works), keep))
+        self.sent[dst] += 1
         self.messages += 1
         self.bytes += sum(t.numel() * t.element_size() for t in tensors)
 
@@ -190,9 +194,16 @@ class Router:
         value = decode(meta["value"], tensors)
         if trace < self.trace:
             return  # left over from a trace that already ended (it failed): nobody wants it
+        if trace == self.trace:
+            self.received[stream.peer] += 1
         self.mailbox[(trace, key)] = (stream.peer, value)
         if trace == self.trace and self.on_message is not None:
             self.on_message(stream.peer, key, value)
+
+    def wait_received(self, counts: dict[int, int]) -> None:
+        """A router-aware wait until ``counts[peer]`` messages of this trace came from each peer."""
+        for peer, n in counts.items():
+            self.failures.wait(lambda: self.received[peer] >= n, f"{n} message(s) of this trace", peer, self.poll)
 
     def take(self, key: tuple) -> tuple[bool, Any]:
         """The value under ``key`` in this trace's mailbox (removed), if it arrived."""
@@ -234,6 +245,9 @@ class Router:
         """Start a new trace: forget what is left of the last one."""
         self.trace += 1
         self.mailbox = {k: v for k, v in self.mailbox.items() if k[0] >= self.trace}
+        self.sent = dict.fromkeys(self.peers, 0)
+        self.received = {p: sum(1 for (t, _), (src, _) in self.mailbox.items() if t == self.trace and src == p)
+                         for p in self.peers}
         self.messages = 0
         self.bytes = 0
 

@@ -242,8 +242,9 @@ def _build_groups(topo: Topology, cuda: bool) -> None:
         group = dist.new_group(ranks, backend=control, timeout=timeout)
         if topo.rank in ranks:
             topo._groups["replica"] = group
-        # The router's point-to-point streams get a group of their own.
-        group = dist.new_group(ranks, backend=control, timeout=timeout)
+        # The router's point-to-point streams get a group of their own, whose posted receives
+        # must outlive idle time between traces: the router's waits carry their own timeout.
+        group = dist.new_group(ranks, backend=control, timeout=timedelta(days=365))
         if topo.rank in ranks:
             topo._groups["router"] = group
     topo._groups["world"] = dist.new_group(list(range(topo.world_size)), backend=control, timeout=timeout)

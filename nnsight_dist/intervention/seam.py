@@ -18,7 +18,7 @@ names a served value across ranks.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 
 class Codec:
@@ -69,5 +69,6 @@ class Seam:
     def close(self) -> None:
         """The trace succeeded: agree with the other ranks that it did the same everywhere."""
 
-    def fail(self, error: BaseException) -> None:
-        """The trace failed with ``error`` on this rank."""
+    def fail(self, error: BaseException) -> Optional[BaseException]:
+        """The trace failed with ``error`` on this rank; returns an error to raise instead."""
+        return None

@@ -65,8 +65,8 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 1
     """Run ``fn(rank, *args)`` on ``world`` forked ranks; the list of their results by rank.
 
     With ``expect_errors`` a rank's exception is returned as ``("error", type name,
-    traceback)`` instead of failing the call; a rank that hangs past ``timeout`` or dies
-    without a word always fails it.
+    traceback)`` and a rank that exited without a result as ``("died", exit code)`` instead
+    of failing the call; a rank that hangs past ``timeout`` always fails it.
     """
     ctx = mp.get_context("fork")
     out = ctx.Queue()
@@ -91,6 +91,10 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 1
         if p.is_alive():
             p.kill()
             p.join()
+    died = {r: procs[r].exitcode for r in range(world)
+             if r not in results and procs[r].exitcode not in (None, -9) and expect_errors}
+    for r, code in died.items():
+        results[r] = ("died", code)
     missing = [r for r in range(world) if r not in results]
     errors = {r: v for r, (s, v) in results.items() if s == "error"}
     if missing:
@@ -99,4 +103,5 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 1
     if errors and not expect_errors:
         first = min(errors)
         raise RanksFailed(f"rank {first} raised {errors[first][0]}:\n{errors[first][1]}", errors)
-    return [("error", *results[r][1]) if results[r][0] == "error" else results[r][1] for r in range(world)]
+    return [("error", *results[r][1]) if results[r][0] == "error"
+            else ("died", results[r][1]) if results[r][0] == "died" else results[r][1] for r in range(world)]

@@ -258,7 +258,9 @@ class InterleavingTracer(_Block):
             self._go(args, {**kwargs, **self._kwargs})
             il.seam.close()
         except BaseException as error:
-            il.seam.fail(error)
+            cause = il.seam.fail(error)
+            if cause is not None:
+                raise cause from error
             raise
         finally:
             il.end()
