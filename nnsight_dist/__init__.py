@@ -4,6 +4,8 @@
 """
 
 from . import testing
+from .distributed.placement import Placement
+from .distributed.topology import Topology, broadcast_object, gather_object, init
 from .intervention.envoy import Envoy
 from .intervention.eproperty import eproperty
 from .intervention.errors import (
@@ -26,6 +28,11 @@ from .intervention.save import save
 __version__ = "0.1.0"
 
 __all__ = [
+    "Placement",
+    "Topology",
+    "broadcast_object",
+    "gather_object",
+    "init",
     "DivergenceError",
     "Envoy",
     "LanguageModel",

@@ -31,8 +31,9 @@ import torch.distributed as dist
 from ..intervention.errors import DivergenceError, RemoteError, RouterTimeout
 from ..intervention.interleaver import Interleaver
 from ..intervention.seam import Seam
+from .exchange import all_gather_json, gather_cache
 from .failure import Failures
-from .placement import WHOLE, Placement, TensorCodec
+from .placement import PARTIAL, WHOLE, Placement, TensorCodec, shard
 from .router import Router
 from .topology import Topology, at_exit
 
@@ -109,6 +110,15 @@ class ReplicaSeam(Seam):
             self.attribute_reads += 1
             router.broadcast(("p", path, name, self.attribute_reads), {"value": value})
         return value
+
+    def placement(self, location: str) -> str:
+        codec = self.codecs.get(location)
+        if codec is None:
+            return WHOLE
+        return PARTIAL if codec.partial else shard(codec.dim)
+
+    def gather_cache(self, cache: Any, placements: dict, dst: int) -> Any:
+        return gather_cache(self.topo, self.failures, cache, placements, dst)
 
     def observed(self, observer: int, visit: int, location: str, value: Any) -> None:
         if self.owner.get(location) is not None:
@@ -236,26 +246,14 @@ class ReplicaSeam(Seam):
         self.failures.wait_work(work, "the end-of-trace barrier", "the replica")
         if self.failures._store is not None:
             self.failures._store.set(f"nnsight_dist/done/{self.router.trace}/{self.topo.rank}", "ok")
+            # (read by a failing rank deciding whether the others are still running)
         if all(torch.equal(p, mine) for p in parts):
             return
         steps = [int(p[0]) for p in parts]
         if len(set(steps)) > 1:
             raise DivergenceError(f"ranks {ranks} ran {steps} steps of the model")
-        logs = _all_gather_json(entries, group, len(ranks), self.failures)
+        logs = all_gather_json(entries, group, len(ranks), self.failures)
         raise DivergenceError(_first_difference(ranks, logs))
-
-
-def _all_gather_json(obj: Any, group: Any, n: int, failures: Failures) -> list:
-    payload = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
-    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(n)]
-    failures.wait_work(dist.all_gather(sizes, torch.tensor([payload.numel()]), group=group, async_op=True),
-                       "the divergence report", "the replica")
-    width = int(max(s.item() for s in sizes))
-    padded = torch.zeros(width, dtype=torch.uint8)
-    padded[: payload.numel()] = payload
-    parts = [torch.zeros(width, dtype=torch.uint8) for _ in range(n)]
-    failures.wait_work(dist.all_gather(parts, padded, group=group, async_op=True), "the divergence report", "the replica")
-    return [json.loads(bytes(p[: int(s.item())].tolist()).decode()) for p, s in zip(parts, sizes)]
 
 
 def _first_difference(ranks: list[int], logs: list[list]) -> str:

@@ -168,6 +168,11 @@ def _shutdown() -> None:
             pass
     _AT_EXIT.clear()
     if dist.is_initialized():
+        # Rank 0 usually hosts the store: it must not leave while others still use it.
+        try:
+            dist.barrier()
+        except (RuntimeError, dist.DistError):
+            pass
         dist.destroy_process_group()
 
 

@@ -46,11 +46,20 @@ class CacheDict(dict):
         super().__init__(data or {})
         self._path = path
         self._root = self
+        self._gather: Optional[Callable[[int], Any]] = None
+
+    def gather(self, dst: int = 0) -> Optional["CacheDict"]:
+        """A sharded cache (``tracer.cache(..., sharded=True)``) assembled whole on rank
+        ``dst`` of the replica; ``None`` on the other ranks. Every rank must call it.
+        A cache that is not sharded is returned as it is."""
+        root = self._root
+        return root if root._gather is None else root._gather(dst)
 
     def _at(self, path: str) -> "CacheDict":
         view = CacheDict.__new__(CacheDict)
         view._path = path
         view._root = self._root
+        view._gather = None
         return view
 
     def _entry(self) -> Entry:

@@ -60,6 +60,14 @@ class Seam:
         """
         return local()
 
+    def placement(self, location: str) -> str:
+        """This rank's placement of ``location``'s value: ``"whole"``, ``"shard(d)"``, ``"partial"``."""
+        return "whole"
+
+    def gather_cache(self, cache: Any, placements: dict, dst: int) -> Any:
+        """A sharded cache assembled whole on rank ``dst`` of the replica (here: itself)."""
+        return cache
+
     def begin(self) -> None:
         """A trace starts."""
 

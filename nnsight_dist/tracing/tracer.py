@@ -169,7 +169,11 @@ class InterleavingTracer(_Block):
         detach: bool = True,
         sharded: bool = False,
     ) -> CacheDict:
-        """Record the chosen modules (all by default) at every visit; see :mod:`..intervention.cache`."""
+        """Record the chosen modules (all by default) at every visit; see :mod:`..intervention.cache`.
+
+        Values are whole on every rank; with ``sharded=True`` each rank keeps only what it
+        owns (tensor-parallel fragments as they are) and ``cache.gather(dst)`` assembles it.
+        """
         il = self.interleaver
         med = il.current
         if med is None:
@@ -183,11 +187,15 @@ class InterleavingTracer(_Block):
         def narrow(value: Any) -> Any:
             return il.batcher.narrow(value, group)
 
+        placements: dict[tuple[str, str], str] = {}
         for envoy in targets:
-            if include_output:
-                il.observe(f"{envoy.path}.output", cache.recorder(envoy.path, "output", narrow))
-            if include_inputs:
-                il.observe(f"{envoy.path}.input", cache.recorder(envoy.path, "inputs", narrow))
+            for key, location, wanted in (("output", f"{envoy.path}.output", include_output),
+                                          ("inputs", f"{envoy.path}.input", include_inputs)):
+                if wanted:
+                    il.observe(location, cache.recorder(envoy.path, key, narrow), local=sharded)
+                    placements[(envoy.path, key)] = il.seam.placement(location)
+        if sharded:
+            cache.cache._gather = lambda dst: il.seam.gather_cache(cache.cache, placements, dst)
         return saving.save(cache.cache)
 
     def _module_at(self, path: str) -> Any:

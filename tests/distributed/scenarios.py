@@ -82,6 +82,15 @@ def trace_values(model) -> dict[str, torch.Tensor]:
     v["cache_stage1_input"] = cache["model.model.layers.3.mlp"].input
     v["cache_lm_head"] = cache.model.lm_head.output
 
+    with model.trace(PROMPTS[0]) as tracer:                           # sharded, then gathered
+        sharded = tracer.cache(modules=[layers[0].self_attn.q_proj, layers[0].mlp.down_proj, layers[3].mlp],
+                               include_inputs=True, sharded=True)
+    gathered = sharded.gather(dst=0)
+    if gathered is not None:  # only the replica's first rank assembles it
+        v["sharded_colwise_output"] = gathered["model.model.layers.0.self_attn.q_proj"].output
+        v["sharded_rowwise_input"] = gathered["model.model.layers.0.mlp.down_proj"].input
+        v["sharded_stage1"] = gathered["model.model.layers.3.mlp"].output
+
     v["param_colwise"] = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
 
     with model.generate(PROMPTS[1], max_new_tokens=3, do_sample=False) as tracer:
