@@ -125,6 +125,9 @@ class Router:
         self.sends: list[tuple[Any, list[torch.Tensor]]] = []
         self.messages = 0
         self.bytes = 0
+        #: Messages and payload bytes sent in the current trace, by kind of key
+        #: ("v" served values, "o" observed values, "h" hidden states, "logits", "p" attributes).
+        self.traffic: dict[str, list[int]] = {}
         #: Messages of the current trace sent to / received from each peer.
         self.sent: dict[int, int] = dict.fromkeys(self.peers, 0)
         self.received: dict[int, int] = dict.fromkeys(self.peers, 0)
@@ -148,7 +151,11 @@ class Router:
         self.sends.append((Completion(works), keep))
         self.sent[dst] += 1
         self.messages += 1
-        self.bytes += sum(t.numel() * t.element_size() for t in tensors)
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        self.bytes += size
+        count = self.traffic.setdefault(key[0], [0, 0])
+        count[0] += 1
+        count[1] += size
 
     def broadcast(self, key: tuple, value: Any, to: Optional[list[int]] = None) -> None:
         """:meth:`send` to every peer (or to ``to``)."""
@@ -246,6 +253,7 @@ class Router:
         self.trace += 1
         self.mailbox = {k: v for k, v in self.mailbox.items() if k[0] >= self.trace}
         self.sent = dict.fromkeys(self.peers, 0)
+        self.traffic = {}
         self.received = {p: sum(1 for (t, _), (src, _) in self.mailbox.items() if t == self.trace and src == p)
                          for p in self.peers}
         self.messages = 0
