@@ -119,23 +119,13 @@ class Interleaver:
 
     # ------------------------------------------------------------------ call points
 
-    def site(self, location: str) -> Site:  # noqa: F811 - attribute shadows during visits
-        return self.sites.setdefault(location, Site(location))
-
     def wrap_module(self, module: torch.nn.Module, path: str, root: bool = False) -> CallPoint:
         """Make ``module``'s forward a call point named ``path`` (idempotent)."""
         point = self.points.get(path)
         if point is not None:
             return point
-        point = CallPoint(
-            path,
-            module.forward,
-            Site.__new__(Site),
-            Site.__new__(Site),
-            root,
-        )
-        point.input = self.sites.setdefault(path + ".input", Site(path + ".input"))
-        point.output = self.sites.setdefault(path + ".output", Site(path + ".output"))
+        point = CallPoint(path, module.forward, self._new_site(path + ".input"),
+                          self._new_site(path + ".output"), root)
         self.points[path] = point
         interleaver = self
 
@@ -167,7 +157,11 @@ class Interleaver:
         return call
 
     def _new_site(self, location: str) -> Site:
-        return self.sites.setdefault(location, Site(location))
+        """The site of ``location``, created on first use."""
+        site = self.sites.get(location)
+        if site is None:
+            site = self.sites[location] = Site(location)
+        return site
 
     # ------------------------------------------------------------------ visits
 
