@@ -4,16 +4,9 @@
 # nnsight_dist reads its rank from the MPI launcher's variables and meets on
 # MASTER_ADDR:MASTER_PORT (default 127.0.0.1 and a free port). Uses the checkout's .venv.
 set -euo pipefail
-if [ $# -lt 2 ]; then
-  echo "usage: $0 NPROC SCRIPT [ARGS...]" >&2
-  exit 2
-fi
-nproc="$1"; shift
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [ -x "$root/.venv/bin/python" ]; then . "$root/.venv/bin/activate"; fi
+. "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 export MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 export MASTER_PORT="${MASTER_PORT:-$(python -c 'import socket; s=socket.socket(); s.bind(("",0)); print(s.getsockname()[1])')}"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 flags=()
 if mpirun --version 2>&1 | grep -q "Open MPI"; then
   # Open MPI refuses root and more ranks than cores unless told.
