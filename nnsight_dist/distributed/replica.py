@@ -38,6 +38,19 @@ from .router import Router
 from .topology import Topology, at_exit
 
 
+_ROUTERS: dict[int, Router] = {}
+
+
+def shared_router(topo: Topology) -> Router:
+    """The one router of this process: every model traced here shares its streams (two
+    routers would race for the same messages), one trace at a time."""
+    router = _ROUTERS.get(id(topo))
+    if router is None:
+        router = _ROUTERS[id(topo)] = Router(topo, Failures(topo), topo.group("router"))
+        at_exit(router.close)
+    return router
+
+
 class ReplicaSeam(Seam):
     """See the module docstring."""
 
@@ -47,10 +60,8 @@ class ReplicaSeam(Seam):
         super().__init__()
         self.topo = topo
         self.interleaver = interleaver
-        self.failures = Failures(topo)
-        self.router = Router(topo, self.failures, topo.group("router"))
-        self.router.on_message = self._arrived
-        at_exit(self.router.close)
+        self.router = shared_router(topo)
+        self.failures = self.router.failures
         self.owner: dict[str, Optional[int]] = {}
         for path, p in placements.items():
             for key, placement in (("input", p.input), ("output", p.output)):
@@ -152,8 +163,8 @@ class ReplicaSeam(Seam):
 
     def begin(self) -> None:
         """Start a trace."""
+        self.router.on_message = self._arrived
         self.router.next_trace()
-        self.failures.trace = self.router.trace
         self.log = []
         self._expected: Optional[dict[int, int]] = None
 

@@ -251,6 +251,7 @@ class Router:
     def next_trace(self) -> None:
         """Start a new trace: forget what is left of the last one."""
         self.trace += 1
+        self.failures.trace = self.trace
         self.mailbox = {k: v for k, v in self.mailbox.items() if k[0] >= self.trace}
         self.sent = dict.fromkeys(self.peers, 0)
         self.traffic = {}

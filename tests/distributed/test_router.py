@@ -3,6 +3,8 @@ message per served value per other stage otherwise; the engine's own transfers r
 
 from __future__ import annotations
 
+import torch
+
 import nnsight_dist as nd
 from nnsight_dist.testing.ranks import run_ranks
 
@@ -39,3 +41,26 @@ def test_router_traffic_pp2(tmp_path):
     # stage 0 serves layer 0 once; stage 1 serves its mlp output twice (two requests)
     assert stage0["reads_and_write"]["v"][0] == 1 and stage1["reads_and_write"]["v"][0] == 2
     assert "v" not in stage0["replicated"] and "v" not in stage1["replicated"]
+
+
+def _two_models(rank: int, path: str) -> dict:
+    first = nd.LanguageModel(path, pp=2)
+    second = nd.LanguageModel(path, pp=2)
+    with first.trace("Hello world"):
+        a = first.model.layers[3].output.save()
+    with second.trace("Hello world"):
+        b = second.model.layers[0].output.save()
+    with first.trace("Hello world"):
+        c = first.model.layers[3].output.save()
+    return {"a": a, "b": b, "c": c}
+
+
+def test_two_models_share_the_router_pp2(tmp_path):
+    path = nd.testing.make_tiny_model(str(tmp_path))
+    results = run_ranks(_two_models, 2, path, timeout=120)
+    reference = nd.LanguageModel(path)
+    with reference.trace("Hello world"):
+        b = reference.model.layers[0].output.save()
+        a = reference.model.layers[3].output.save()
+    for r in results:
+        assert torch.equal(r["a"], a) and torch.equal(r["c"], a) and torch.equal(r["b"], b)
