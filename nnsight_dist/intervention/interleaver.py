@@ -98,7 +98,6 @@ class Interleaver:
         self.paused = 0
         self.epoch = 0
         self.step = -1
-        self.visits = 0
         self.sites: dict[str, Site] = {}
         self.points: dict[str, CallPoint] = {}
         self.mediators: list[Mediator] = []
@@ -113,7 +112,6 @@ class Interleaver:
         self.current: Optional[Mediator] = None
         self.location: Optional[str] = None
         self.value: Any = None
-        self.site: Optional[Site] = None
         self.main: Optional[greenlet] = None
         self.stopped = False
 
@@ -167,7 +165,6 @@ class Interleaver:
 
     def visit(self, point: CallPoint, fn: Callable, args: tuple, kwargs: dict) -> Any:
         """One call of a call point: handle its input, run it (or its skip), handle its output."""
-        self.visits += 1
         if point.root:
             self.step += 1
         site = point.input
@@ -227,8 +224,8 @@ class Interleaver:
         return value
 
     def _serve(self, location: str, value: Any, site: Site) -> Any:
-        outer = (self.location, self.value, self.site)
-        self.location, self.value, self.site = location, value, site
+        outer = (self.location, self.value)
+        self.location, self.value = location, value
         try:
             while True:
                 waiters = self.waiting.get(location)
@@ -254,7 +251,7 @@ class Interleaver:
                 self._resume(med, send)
             return self.value
         finally:
-            self.location, self.value, self.site = outer
+            self.location, self.value = outer
 
     def _skipped(self, point: CallPoint, fn: Callable, args: tuple, kwargs: dict, skips: list) -> Any:
         if len(skips) == 1 and self.batcher.whole(skips[0][0]):
@@ -444,7 +441,6 @@ class Interleaver:
         """Prepare a run: new epoch, empty waits, ``batch_size`` rows."""
         self.epoch += 1
         self.step = -1
-        self.visits = 0
         self.active = True
         self.stopped = False
         self.batcher = Batcher(batch_size)
@@ -496,7 +492,7 @@ class Interleaver:
         self.skips.clear()
         self.barriers.clear()
         self.current = None
-        self.location = self.value = self.site = None
+        self.location = self.value = None
         self.main = None
 
     def observe(self, location: str, fn: Callable[[Any, int], None], local: bool = False) -> None:
