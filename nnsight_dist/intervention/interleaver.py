@@ -254,6 +254,10 @@ class Interleaver:
             self.location, self.value = outer
 
     def _skipped(self, point: CallPoint, fn: Callable, args: tuple, kwargs: dict, skips: list) -> Any:
+        # Skip values are whole; the engine expects its fragment of a fragmented output.
+        codec = self.seam.codecs.get(point.output.location)
+        if codec is not None:
+            skips = [(group, codec.fragment(value)) for group, value in skips]
         if len(skips) == 1 and self.batcher.whole(skips[0][0]):
             return skips[0][1]
         # Only some invokes skip: run the call for the others, then put each skip in its rows.

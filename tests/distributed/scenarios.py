@@ -69,6 +69,13 @@ def trace_values(model) -> dict[str, torch.Tensor]:
         skipped = model.lm_head.output.save()
     v["skip_stage1_logits"] = skipped
 
+    with model.trace(PROMPTS[0]):                                     # skip a colwise module
+        mlp = layers[1].mlp
+        mlp.up_proj.skip(mlp.gate_proj.output * 0.5)
+        up = mlp.up_proj.output.save()
+        skipped_colwise = model.lm_head.output.save()
+    v.update(skip_colwise_output=up, skip_colwise_logits=skipped_colwise)
+
     with model.trace(PROMPTS[0]):                                     # ad-hoc sharded call
         x = layers[0].mlp.input
         gate = layers[0].mlp.gate_proj(x).save()
