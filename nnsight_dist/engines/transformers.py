@@ -100,10 +100,17 @@ def load(path: str, topo: Topology, **kwargs: Any) -> torch.nn.Module:
 
     config = transformers.AutoConfig.from_pretrained(path)
     check(config, topo.tp, topo.pp)
-    with _adjusted(topo):
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            path, distributed_config=DistributedConfig(tp_size=topo.tp, pp_size=topo.pp), **kwargs
-        )
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    if topo.rank != 0:
+        transformers.utils.logging.disable_progress_bar()  # one progress bar per job, not per rank
+    try:
+        with _adjusted(topo):
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                path, distributed_config=DistributedConfig(tp_size=topo.tp, pp_size=topo.pp), **kwargs
+            )
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     if topo.pp > 1:
         _own_pipeline(model, topo)
     return model
