@@ -92,8 +92,9 @@ class Failures:
                 continue
             self.check()
             if time.monotonic() > deadline:
+                sender = f"rank {source}" if isinstance(source, int) else str(source)
                 raise RouterTimeout(
-                    f"rank {self.topo.rank} waited {self.topo.timeout:g} s for {what} from rank {source} "
+                    f"rank {self.topo.rank} waited {self.topo.timeout:g} s for {what} from {sender} "
                     "and it never came (raise the limit with nd.init(timeout=...) or NNSIGHT_DIST_TIMEOUT)"
                 )
             if pause:

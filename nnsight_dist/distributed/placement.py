@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from ..intervention.seam import Codec
 from .failure import Failures
+from .router import _shape_only
 
 WHOLE = "whole"
 PARTIAL = "partial"
@@ -85,6 +86,9 @@ class TensorCodec(Codec):
     def _gather(self, t: torch.Tensor) -> torch.Tensor:
         if not isinstance(t, torch.Tensor):
             return t
+        if _shape_only(t):
+            # A scan: the whole value's shape, without communication.
+            return t if self.partial else torch.cat([t] * self.tp, dim=self.dim)
         t = t.contiguous()
         if self.partial:
             out = t.clone()

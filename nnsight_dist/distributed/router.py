@@ -37,9 +37,12 @@ def encode(value: Any, tensors: list[torch.Tensor]) -> Any:
     """A JSON-able structure for ``value``; its tensors are appended to ``tensors``.
 
     Values that are neither tensors nor JSON-able (a KV cache object, say) travel as
-    ``{"__opaque__": type name}`` and arrive as ``None``.
+    ``{"__opaque__": type name}`` and arrive as ``None``; tensors without data (a scan's
+    fake tensors) travel as their shape and dtype.
     """
     if isinstance(value, torch.Tensor):
+        if _shape_only(value):
+            return {"__shape__": list(value.shape), "dtype": str(value.dtype)}
         tensors.append(value)
         return {"__tensor__": len(tensors) - 1}
     if isinstance(value, (list, tuple)):
@@ -53,11 +56,27 @@ def encode(value: Any, tensors: list[torch.Tensor]) -> Any:
     return {"__opaque__": type(value).__name__}
 
 
+def _real_tensors():
+    """Buffers that really travel must be real even inside a scan's fake-tensor mode."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    return _disable_current_modes()
+
+
+def _shape_only(t: torch.Tensor) -> bool:
+    """A tensor with a shape and no data (a scan's fake tensors, meta tensors): its shape travels."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor) or t.device.type == "meta"
+
+
 def decode(structure: Any, tensors: list[torch.Tensor]) -> Any:
     """The value of an :func:`encode` structure."""
     if isinstance(structure, dict):
         if "__tensor__" in structure:
             return tensors[structure["__tensor__"]]
+        if "__shape__" in structure:
+            return torch.empty(structure["__shape__"], dtype=_DTYPES[structure["dtype"]])
         if "__seq__" in structure:
             items = [decode(v, tensors) for v in structure["__seq__"]]
             return tuple(items) if structure["tuple"] else items
@@ -139,6 +158,10 @@ class Router:
 
     def send(self, dst: int, key: tuple, value: Any) -> None:
         """Queue ``value`` to rank ``dst`` under ``key`` (asynchronous; copies the tensors)."""
+        with _real_tensors():
+            self._send(dst, key, value)
+
+    def _send(self, dst: int, key: tuple, value: Any) -> None:
         tensors: list[torch.Tensor] = []
         structure = encode(value, tensors)
         tensors = [t.detach().contiguous().clone() for t in tensors]
@@ -176,7 +199,8 @@ class Router:
         got = False
         for stream in self.incoming.values():
             while lost_contact(stream.work.done, stream.peer):
-                lost_contact(lambda: self._receive(stream), stream.peer)
+                with _real_tensors():
+                    lost_contact(lambda: self._receive(stream), stream.peer)
                 self._deliver(stream)
                 got = True
         return got

@@ -273,10 +273,14 @@ class InterleavingTracer(_Block):
         finally:
             il.end()
 
+    def _call(self, args: tuple, kwargs: dict) -> Any:
+        """The model call itself (a scan runs it on fake tensors)."""
+        return self._run(args, kwargs)
+
     def _go(self, args: tuple, kwargs: dict) -> None:
         il = self.interleaver
         try:
-            result = self._run(args, kwargs)
+            result = self._call(args, kwargs)
         except EarlyStop:
             il.stopped = True
         else:
@@ -302,19 +306,20 @@ class ScanningTracer(InterleavingTracer):
     _keep_all = True
 
     def _go(self, args: tuple, kwargs: dict) -> None:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        from ..intervention.batcher import map_tensors
-
         il = self.interleaver
         for envoy in self.model.modules():
             envoy._fakes.clear()
             il.observe(f"{envoy.path}.output", _recorder(envoy, "output"))
             il.observe(f"{envoy.path}.input", _recorder(envoy, "input"))
+        super()._go(args, kwargs)
+
+    def _call(self, args: tuple, kwargs: dict) -> Any:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        from ..intervention.batcher import map_tensors
+
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            fake_args = map_tensors(args, mode.from_tensor)
-            fake_kwargs = map_tensors(kwargs, mode.from_tensor)
-            super()._go(fake_args, fake_kwargs)
+            return self._run(map_tensors(args, mode.from_tensor), map_tensors(kwargs, mode.from_tensor))
 
 
 def _recorder(envoy: Any, key: str) -> Callable[[Any, int], None]:

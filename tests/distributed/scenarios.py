@@ -98,6 +98,12 @@ def trace_values(model) -> dict[str, torch.Tensor]:
         v["sharded_rowwise_input"] = gathered["model.model.layers.0.mlp.down_proj"].input
         v["sharded_stage1"] = gathered["model.model.layers.3.mlp"].output
 
+    with model.scan(PROMPTS[0]):                                      # shapes only, no compute
+        q_shape = layers[0].self_attn.q_proj.output.shape
+        d_shape = layers[3].mlp.down_proj.input.shape
+        l_shape = model.lm_head.output.shape
+    v["scan_shapes"] = torch.tensor([*q_shape, *d_shape, *l_shape])
+
     v["param_colwise"] = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
 
     with model.generate(PROMPTS[1], max_new_tokens=3, do_sample=False) as tracer:
