@@ -52,7 +52,8 @@ def gather_cache(topo: Topology, failures: Failures, cache: Any, placements: dic
             value = getattr(entry, key)
             if value is not None:
                 visits = isinstance(value, _Visits)
-                mine.append([path, key, visits, encode(list(value) if visits else value, tensors)])
+                mine.append([path, key, visits, placements.get((path, key), "whole"),
+                             encode(list(value) if visits else value, tensors)])
     shapes = [[str(t.dtype), list(t.shape)] for t in tensors]
     metas = all_gather_json({"entries": mine, "tensors": shapes}, group, len(ranks), failures)
     target = ranks[dst]
@@ -75,11 +76,11 @@ def gather_cache(topo: Topology, failures: Failures, cache: Any, placements: dic
         received.append(got)
     pieces: dict[tuple[str, str], list[tuple[int, Any, bool]]] = {}
     for rank, meta, got in zip(ranks, metas, received):
-        for path, key, visits, structure in meta["entries"]:
-            pieces.setdefault((path, key), []).append((rank, decode(structure, got), visits))
+        for path, key, visits, placement, structure in meta["entries"]:
+            pieces.setdefault((path, key), []).append((rank, decode(structure, got), visits, placement))
     whole = Cache(device=None, detach=False)
     for (path, key), parts in pieces.items():
-        placement = placements.get((path, key), "whole")
+        placement = parts[0][3]  # as the owner recorded it (other stages see a remote location)
         parts.sort(key=lambda p: p[0])
         values = [p[1] for p in parts]
         if parts[0][2]:

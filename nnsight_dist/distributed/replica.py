@@ -22,15 +22,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 
-from ..intervention.errors import DivergenceError, RemoteError, RouterTimeout
+from ..intervention.errors import DivergenceError, NNsightError, RemoteError, RouterTimeout
 from ..intervention.interleaver import Interleaver
-from ..intervention.seam import Seam
+from ..intervention.seam import Codec, Seam
 from .exchange import all_gather_json, gather_cache
 from .failure import Failures
 from .placement import PARTIAL, WHOLE, Placement, TensorCodec, shard
@@ -49,6 +50,24 @@ def shared_router(topo: Topology) -> Router:
         router = _ROUTERS[id(topo)] = Router(topo, Failures(topo), topo.group("router"))
         at_exit(router.close)
     return router
+
+
+class Unplaced(Codec):
+    """An operation inside a tensor-parallel module whose value is a fragment of unknown
+    placement: serving it would show a shard as if it were the whole value."""
+
+    def __init__(self, location: str, module: str) -> None:
+        self.location = location
+        self.module = module
+
+    def whole(self, local: Any) -> Any:
+        raise NNsightError(
+            f"{self.location} is computed on this rank's tensor-parallel fragment inside {self.module}, "
+            "and the engine does not say how the fragments form the whole value: read the module's "
+            "inputs and outputs (or its children's) instead, or trace with tp=1"
+        )
+
+    fragment = whole
 
 
 class ReplicaSeam(Seam):
@@ -119,9 +138,29 @@ class ReplicaSeam(Seam):
             router.broadcast(("p", path, name, self.attribute_reads), {"value": value})
         return value
 
+    def operations(self, path: str, names: list[str]) -> None:
+        """Operations live where their module lives. Inside a tensor-parallel module, an
+        operation that calls a child module has the child's placement; any other operation
+        holds a fragment the engine does not describe, and reading it is refused."""
+        module = f"{path}.output"
+        children = {name.split(".")[len(path.split("."))] for name in self.owner if name.startswith(path + ".")}
+        fragmented = any(loc.startswith(path + ".") for loc in self.codecs)
+        for name in names:
+            for key in ("input", "output"):
+                location = f"{path}.{name}.{key}"
+                self.owner[location] = self.owner.get(module)
+                if module in self.remote:
+                    self.remote.add(location)
+                    continue
+                child = next((c for c in children if name.startswith(f"self_{c}_") and name[len(c) + 6:].isdigit()), None)
+                if child is not None and f"{path}.{child}.{key}" in self.codecs:
+                    self.codecs[location] = self.codecs[f"{path}.{child}.{key}"]
+                elif fragmented and child is None:
+                    self.codecs[location] = Unplaced(location, path)
+
     def placement(self, location: str) -> str:
         codec = self.codecs.get(location)
-        if codec is None:
+        if not isinstance(codec, TensorCodec):
             return WHOLE
         return PARTIAL if codec.partial else shard(codec.dim)
 
@@ -160,6 +199,9 @@ class ReplicaSeam(Seam):
 
     def begin(self) -> None:
         """Start a trace."""
+        if not dist.is_initialized():
+            raise RemoteError(-1, "the process group was torn down after a rank failed in an earlier trace: "
+                                  "the job cannot trace any more; restart it")
         self.router.on_message = self._arrived
         self.router.next_trace()
         self.log = []
@@ -211,10 +253,10 @@ class ReplicaSeam(Seam):
         seconds are unblocked by tearing the process group down (their wait fails at once
         and they read the published error) instead of waiting for the timeout.
         """
-        broken = isinstance(error, dist.DistError) or "gloo" in str(error) or "NCCL" in str(error)
+        broken = not isinstance(error, NNsightError) and _communication(error)
         cause = self.failures.remote() if broken else None
         if broken and cause is None:
-            if "timed out" in str(error).lower():
+            if "timed out" in str(error).lower() or "timeout" in str(error).lower():
                 cause = RouterTimeout(
                     f"rank {self.topo.rank} waited {self.topo.timeout:g} s in a collective of the engine that "
                     f"another rank of the replica never joined ({error})"
@@ -262,6 +304,18 @@ class ReplicaSeam(Seam):
             raise DivergenceError(f"ranks {ranks} ran {steps} steps of the model")
         logs = all_gather_json(entries, group, len(ranks), self.failures)
         raise DivergenceError(_first_difference(ranks, logs))
+
+
+def _communication(error: BaseException) -> bool:
+    """Whether ``error`` came out of torch.distributed (a broken or timed-out exchange)."""
+    if isinstance(error, dist.DistError):
+        return True
+    tb = error.__traceback__
+    while tb is not None:
+        if f"torch{os.sep}distributed{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _first_difference(ranks: list[int], logs: list[list]) -> str:

@@ -48,12 +48,29 @@ def encode(value: Any, tensors: list[torch.Tensor]) -> Any:
     if isinstance(value, (list, tuple)):
         return {"__seq__": [encode(v, tensors) for v in value], "tuple": isinstance(value, tuple)}
     if isinstance(value, dict):
-        return {"__map__": [[str(k), encode(v, tensors)] for k, v in value.items()]}
+        encoded = {"__map__": [[str(k), encode(v, tensors)] for k, v in value.items()]}
+        cls = type(value)
+        if cls is not dict and cls.__module__.startswith("transformers."):
+            encoded["class"] = [cls.__module__, cls.__qualname__]
+        return encoded
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, torch.Size):
         return list(value)
     return {"__opaque__": type(value).__name__}
+
+
+def _output_class(name: Optional[list]) -> Optional[type]:
+    """A transformers ``ModelOutput`` class named ``[module, qualname]`` (nothing else is
+    ever looked up), so a routed model output keeps its attributes."""
+    if not name or not name[0].startswith("transformers."):
+        return None
+    import importlib
+
+    from transformers.utils import ModelOutput
+
+    cls = getattr(importlib.import_module(name[0]), name[1], None)
+    return cls if isinstance(cls, type) and issubclass(cls, ModelOutput) else None
 
 
 def _real_tensors():
@@ -81,7 +98,9 @@ def decode(structure: Any, tensors: list[torch.Tensor]) -> Any:
             items = [decode(v, tensors) for v in structure["__seq__"]]
             return tuple(items) if structure["tuple"] else items
         if "__map__" in structure:
-            return {k: decode(v, tensors) for k, v in structure["__map__"]}
+            mapping = {k: decode(v, tensors) for k, v in structure["__map__"]}
+            cls = _output_class(structure.get("class"))
+            return mapping if cls is None else cls(**mapping)
         return None
     return structure
 
@@ -164,7 +183,8 @@ class Router:
     def _send(self, dst: int, key: tuple, value: Any) -> None:
         tensors: list[torch.Tensor] = []
         structure = encode(value, tensors)
-        tensors = [t.detach().contiguous().clone() for t in tensors]
+        # Copies (later in-place edits must not race the send), on the CPU for gloo.
+        tensors = [t.detach().to("cpu", copy=True).contiguous() for t in tensors]
         meta = json.dumps({"key": list(key), "value": structure,
                            "tensors": [[str(t.dtype), list(t.shape)] for t in tensors]}).encode()
         meta_t = torch.frombuffer(bytearray(meta), dtype=torch.uint8)
@@ -221,6 +241,9 @@ class Router:
     def _deliver(self, stream: _Incoming) -> None:
         trace, meta, tensors = stream.received
         stream.received = None
+        device = self.topo.device
+        if device.type != "cpu":
+            tensors = [t.to(device) for t in tensors]
         key = tuple(_tuple(k) for k in meta["key"])
         value = decode(meta["value"], tensors)
         if trace < self.trace:

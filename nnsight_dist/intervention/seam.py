@@ -60,6 +60,9 @@ class Seam:
         """
         return local()
 
+    def operations(self, path: str, names: list[str]) -> None:
+        """The module at ``path`` exposed the ``.source`` operations ``names``."""
+
     def placement(self, location: str) -> str:
         """This rank's placement of ``location``'s value: ``"whole"``, ``"shard(d)"``, ``"partial"``."""
         return "whole"

@@ -60,6 +60,7 @@ class EnvoySource:
         calls: dict[str, Any] = {}
         source, lines, fn = inject(forward, envoy.path, lambda name, f, a, k: calls["call"](name, f, a, k))
         calls["call"] = il.operation(envoy.path, list(lines))
+        il.seam.operations(envoy.path, list(lines))
         point.forward = MethodType(fn, forward.__self__) if inspect.ismethod(forward) else fn
         return cls(envoy.path, source, lines, il)
 

@@ -19,6 +19,7 @@ from ..tracing.tracer import InterleavingTracer
 from .nnsight import Batched, NNsight
 
 Prompt = Union[str, list, torch.Tensor, dict]
+ENGINES = ("transformers", "deepspeed", "torch")
 
 
 class LanguageModel(NNsight):
@@ -42,11 +43,13 @@ class LanguageModel(NNsight):
         add_save_method(transformers.utils.ModelOutput)
         from ..distributed import topology
 
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
+        if engine != "transformers":
+            raise NotImplementedError(f"engine {engine!r} is not available yet: use engine='transformers'")
         topo = topology.init(tp=tp, pp=pp)
         distributed = topo.distributed
         if distributed:
-            if engine != "transformers":
-                raise NotImplementedError(f"engine {engine!r} is not available yet: use engine='transformers'")
             if isinstance(path_or_model, torch.nn.Module):
                 raise ValueError("a distributed LanguageModel loads its own part of a checkpoint: pass a path")
             source = str(path_or_model)

@@ -22,10 +22,11 @@ def trace_values(model) -> dict[str, torch.Tensor]:
         args, kwargs = layers[1].inputs
         l1_in = args[0].save()
         h3 = layers[3].output.clone().save()                          # a stage-1 read
+        base = model.model.output.last_hidden_state.save()             # a routed model output
         logits = model.lm_head.output.save()
         out = model.output.logits.save()                              # model.output
         result = tracer.result.logits.save()                          # tracer.result
-    v.update(colwise_output=q, rowwise_input=d_in, rowwise_output=d_out, inputs_args=l1_in,
+    v.update(base_model_output=base, colwise_output=q, rowwise_input=d_in, rowwise_output=d_out, inputs_args=l1_in,
              stage1_read=h3, logits=logits, model_output=out, tracer_result=result)
 
     with model.trace(PROMPTS[0]):
@@ -90,13 +91,19 @@ def trace_values(model) -> dict[str, torch.Tensor]:
     v["cache_lm_head"] = cache.model.lm_head.output
 
     with model.trace(PROMPTS[0]) as tracer:                           # sharded, then gathered
-        sharded = tracer.cache(modules=[layers[0].self_attn.q_proj, layers[0].mlp.down_proj, layers[3].mlp],
-                               include_inputs=True, sharded=True)
+        sharded = tracer.cache(modules=[layers[0].self_attn.q_proj, layers[0].mlp.down_proj, layers[3].mlp,
+                                        layers[3].self_attn.q_proj], include_inputs=True, sharded=True)
     gathered = sharded.gather(dst=0)
     if gathered is not None:  # only the replica's first rank assembles it
         v["sharded_colwise_output"] = gathered["model.model.layers.0.self_attn.q_proj"].output
         v["sharded_rowwise_input"] = gathered["model.model.layers.0.mlp.down_proj"].input
         v["sharded_stage1"] = gathered["model.model.layers.3.mlp"].output
+        v["sharded_stage1_colwise"] = gathered["model.model.layers.3.self_attn.q_proj"].output
+
+    with model.trace(PROMPTS[0]):                                     # .source operations
+        q_op = layers[0].self_attn.source.self_q_proj_0.output.save()    # a colwise child call
+        op = layers[3].self_attn.source.self_o_proj_0.output.save()      # stage 1, a child call
+    v.update(source_stage1=op, source_colwise=q_op)
 
     with model.scan(PROMPTS[0]):                                      # shapes only, no compute
         q_shape = layers[0].self_attn.q_proj.output.shape

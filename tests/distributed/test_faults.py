@@ -94,3 +94,24 @@ def test_value_that_never_comes(path, topology):
     results = run_ranks(_never_comes, world, path, tp, pp, timeout=60, env=ENV, expect_errors=True)
     assert _outcome(results[0]) == "RouterTimeout"
     assert _outcome(results[1]) in ("RouterTimeout", "RemoteError")
+
+
+def _after_failure(rank: int, path: str) -> str:
+    model = nd.LanguageModel(path, tp=2)
+    try:
+        with model.trace("Hello world"):
+            x = model.model.layers[0].mlp.input
+            if rank == 1:
+                raise ValueError("boom on one rank")
+            y = model.model.layers[0].mlp.down_proj.output.save()
+    except (ValueError, nd.RemoteError):
+        pass
+    with model.trace("Hello world"):
+        z = model.lm_head.output.save()
+
+
+def test_trace_after_a_one_rank_failure_tp2(path):
+    results = run_ranks(_after_failure, 2, path, timeout=60, env=ENV, expect_errors=True)
+    # the process group is gone on the failed rank: it says so instead of a bare RuntimeError
+    assert results[1][0] == "error" and results[1][1] == "RemoteError" and "torn down" in results[1][2]
+    assert results[0][0] == "error" and results[0][1] in ("RemoteError", "RouterTimeout")
