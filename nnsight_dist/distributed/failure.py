@@ -31,6 +31,8 @@ class Failures:
         self.trace = 0
         self._store = dist.distributed_c10d._get_default_store() if dist.is_initialized() else None
         self._last_check = 0.0
+        #: Says who was waiting for what when a wait times out (set by the replica seam).
+        self.context: Optional[Callable[[], str]] = None
 
     def _key(self, rank: int) -> str:
         return f"nnsight_dist/error/{self.trace}/{rank}"
@@ -93,9 +95,11 @@ class Failures:
             self.check()
             if time.monotonic() > deadline:
                 sender = f"rank {source}" if isinstance(source, int) else str(source)
+                waiting = self.context() if self.context is not None else ""
                 raise RouterTimeout(
                     f"rank {self.topo.rank} waited {self.topo.timeout:g} s for {what} from {sender} "
-                    "and it never came (raise the limit with nd.init(timeout=...) or NNSIGHT_DIST_TIMEOUT)"
+                    f"and it never came{waiting} (raise the limit with nd.init(timeout=...) or "
+                    "NNSIGHT_DIST_TIMEOUT)"
                 )
             if pause:
                 time.sleep(pause)

@@ -197,8 +197,18 @@ class ReplicaSeam(Seam):
 
     # ------------------------------------------------------------------ trace lifecycle
 
+    def _waiting(self) -> str:
+        """The mediators parked on values from other stages, for timeout messages."""
+        waits = []
+        for (_, seq), med in sorted(self.interleaver.remote_waiting.items(), key=lambda kv: kv[0]):
+            stage = self.owner.get(med.wait.location)
+            source = self.topo.rank_of(stage, self.topo.tp_rank) if stage is not None else "?"
+            waits.append(f"{med.name or med.index} waits for {med.wait.location} (request {seq}) from rank {source}")
+        return f"; meanwhile {'; '.join(waits)}" if waits else ""
+
     def begin(self) -> None:
         """Start a trace."""
+        self.failures.context = self._waiting
         if not dist.is_initialized():
             raise RemoteError(-1, "the process group was torn down after a rank failed in an earlier trace: "
                                   "the job cannot trace any more; restart it")

@@ -94,6 +94,9 @@ def test_value_that_never_comes(path, topology):
     results = run_ranks(_never_comes, world, path, tp, pp, timeout=60, env=ENV, expect_errors=True)
     assert _outcome(results[0]) == "RouterTimeout"
     assert _outcome(results[1]) in ("RouterTimeout", "RemoteError")
+    if topology == "pp2":  # the message names what was awaited, from whom, and who waits for what
+        assert "for logits from rank 1" in results[0][2]
+        assert "waits for model.lm_head.output (request 1) from rank 1" in results[0][2]
 
 
 def _after_failure(rank: int, path: str) -> str:
