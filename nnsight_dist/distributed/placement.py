@@ -3,7 +3,8 @@
 An engine describes, per module, its *owner stage* (the pipeline stage that computes it;
 ``None`` when every stage does) and the tensor-parallel placement of its input and
 output: ``"whole"``, ``"shard(d)"`` (each rank of the stage holds a slice along
-dimension ``d``) or ``"partial"`` (each holds a term of a sum not yet reduced).
+dimension ``d``), ``"partial"`` (each holds a term of a sum not yet reduced) or
+``"local"`` (a fragment of a layout the engine does not describe, which is refused).
 Fragmented placements get a codec: an all-gather (or all-reduce) makes the whole value,
 and a slice (or whole-on-one-rank, zeros elsewhere) makes the fragment again.
 """
@@ -22,6 +23,8 @@ from .router import _shape_only
 
 WHOLE = "whole"
 PARTIAL = "partial"
+#: A tensor-parallel fragment whose layout the engine does not describe: never served.
+LOCAL = "local"
 
 
 def shard(dim: int) -> str:

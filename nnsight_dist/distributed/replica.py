@@ -34,7 +34,7 @@ from ..intervention.interleaver import Interleaver
 from ..intervention.seam import Codec, Seam
 from .exchange import all_gather_json, gather_cache
 from .failure import Failures
-from .placement import PARTIAL, WHOLE, Placement, TensorCodec, shard
+from .placement import LOCAL, PARTIAL, WHOLE, Placement, TensorCodec, shard
 from .router import Router
 from .topology import Topology, at_exit
 
@@ -53,8 +53,8 @@ def shared_router(topo: Topology) -> Router:
 
 
 class Unplaced(Codec):
-    """An operation inside a tensor-parallel module whose value is a fragment of unknown
-    placement: serving it would show a shard as if it were the whole value."""
+    """A location (an operation or a module inside a tensor-parallel module) whose value is a
+    fragment of undescribed layout: serving it would show a shard as if it were whole."""
 
     def __init__(self, location: str, module: str) -> None:
         self.location = location
@@ -62,7 +62,7 @@ class Unplaced(Codec):
 
     def whole(self, local: Any) -> Any:
         raise NNsightError(
-            f"{self.location} is computed on this rank's tensor-parallel fragment inside {self.module}, "
+            f"{self.location} is computed on this rank's tensor-parallel fragment in {self.module}, "
             "and the engine does not say how the fragments form the whole value: read the module's "
             "inputs and outputs (or its children's) instead, or trace with tp=1"
         )
@@ -88,6 +88,8 @@ class ReplicaSeam(Seam):
                 self.owner[location] = p.owner_stage
                 if p.owner_stage is not None and p.owner_stage != topo.pp_rank:
                     self.remote.add(location)
+                elif placement == LOCAL and topo.tp > 1:
+                    self.codecs[location] = Unplaced(location, path)
                 elif placement != WHOLE and topo.tp > 1:
                     self.codecs[location] = TensorCodec(placement, topo.group("tp"), topo.tp, topo.tp_rank,
                                                         self.failures, location, key == "input")
@@ -225,6 +227,8 @@ class ReplicaSeam(Seam):
         """
         router = self.router
         ranks = self.topo.replica_ranks()
+        if not router.peers:
+            return  # one stage: nothing travels between stages
         if self._expected is None:
             mine = torch.tensor([router.sent.get(r, 0) for r in ranks], dtype=torch.long)
             parts = [torch.zeros(len(ranks), dtype=torch.long) for _ in ranks]

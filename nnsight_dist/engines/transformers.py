@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..distributed.placement import WHOLE, Placement, shard
+from ..distributed.placement import LOCAL, WHOLE, Placement, shard
 from ..distributed.topology import Topology
 from ..intervention.errors import UnshardableModel
 
@@ -200,11 +200,12 @@ def placements(model: torch.nn.Module, topo: Topology, root: str = "model") -> d
             return last
         return None
 
+    styles = {name: next((v for rx, v in patterns if rx.match(name)), None) for name, _ in model.named_modules()}
+    between = _between_parallel_layers(model, styles)
     table = {}
     for name, _ in model.named_modules():
         stage = owner(name)
-        style = next((v for rx, v in patterns if rx.match(name)), None)
-        inp, out = STYLES.get(style, (WHOLE, WHOLE))
+        inp, out = between.get(name) or STYLES.get(styles[name], (WHOLE, WHOLE))
         stages = range(topo.pp) if stage is None else [stage]
         ranks = tuple(topo.rank_of(s, t) for s in stages for t in range(topo.tp))
         path = f"{root}.{name}" if name else root
@@ -215,6 +216,29 @@ def placements(model: torch.nn.Module, topo: Topology, root: str = "model") -> d
         p = table[base]
         table[base] = Placement(base, last, p.ranks, WHOLE, WHOLE)
     return table
+
+
+def _between_parallel_layers(model: torch.nn.Module, styles: dict[str, Optional[str]]) -> dict[str, tuple[str, str]]:
+    """Modules the plan does not name that run between a column- and a row-parallel layer.
+
+    In a module whose children include both (an MLP, an attention), the other children see
+    this rank's slice of the column-parallel output: a child without parameters (the MLP's
+    activation) is elementwise on that slice, ``shard(-1)`` in and out; a child with
+    parameters (a per-head norm, say) holds a fragment whose layout the plan does not give
+    (``LOCAL``: reading it is refused rather than shown as the whole value).
+    """
+    found = {}
+    for name, module in model.named_modules():
+        kids = {f"{name}.{k}" if name else k: c for k, c in module.named_children()}
+        kinds = {STYLES.get(styles.get(k), (WHOLE, WHOLE)) for k in kids if styles.get(k)}
+        if not any(out != WHOLE for _, out in kinds) or not any(inp != WHOLE for inp, _ in kinds):
+            continue
+        for child_name, child in kids.items():
+            if styles.get(child_name) is None:
+                placed = shard(-1) if not any(True for _ in child.parameters()) else LOCAL
+                for sub, _ in child.named_modules():
+                    found[f"{child_name}.{sub}" if sub else child_name] = (placed, placed)
+    return found
 
 
 def attach_pipeline(model: torch.nn.Module, topo: Topology, interleaver: Any, router: Any, root: str = "model") -> None:

@@ -17,6 +17,7 @@ def trace_values(model) -> dict[str, torch.Tensor]:
 
     with model.trace(PROMPTS[0]) as tracer:
         q = layers[0].self_attn.q_proj.output.save()                 # colwise output
+        act = layers[0].mlp.act_fn.output.save()                      # between col- and rowwise
         d_in = layers[0].mlp.down_proj.input.save()                   # rowwise input
         d_out = layers[0].mlp.down_proj.output.save()                 # rowwise output
         args, kwargs = layers[1].inputs
@@ -26,7 +27,7 @@ def trace_values(model) -> dict[str, torch.Tensor]:
         logits = model.lm_head.output.save()
         out = model.output.logits.save()                              # model.output
         result = tracer.result.logits.save()                          # tracer.result
-    v.update(base_model_output=base, colwise_output=q, rowwise_input=d_in, rowwise_output=d_out, inputs_args=l1_in,
+    v.update(between_output=act, base_model_output=base, colwise_output=q, rowwise_input=d_in, rowwise_output=d_out, inputs_args=l1_in,
              stage1_read=h3, logits=logits, model_output=out, tracer_result=result)
 
     with model.trace(PROMPTS[0]):

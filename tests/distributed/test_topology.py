@@ -37,11 +37,12 @@ def _mesh(rank: int, path: str) -> dict:
     topo = model.topology
     down = model.placement("model.model.layers.3.mlp.down_proj")
     q = model.placement("model.layers.0.self_attn.q_proj")
+    act = model.placement("model.model.layers.0.mlp.act_fn")
     gathered = nd.gather_object({"rank": topo.rank, "stage": topo.pp_rank}, dst=0)
     said = nd.broadcast_object({"hello": [1, 2]} if topo.rank == 0 else None, src=0)
     return {"coords": [topo.dp_rank, topo.pp_rank, topo.tp_rank], "down": [down.owner_stage, list(down.ranks), down.input, down.output],
             "q": [q.owner_stage, list(q.ranks), q.input, q.output], "gathered": gathered, "said": said,
-            "placements": len(model.placements())}
+            "placements": len(model.placements()), "act": [act.input, act.output]}
 
 
 def test_mesh_and_placements_tp2_pp2(tmp_path):
@@ -52,6 +53,7 @@ def test_mesh_and_placements_tp2_pp2(tmp_path):
         assert r["down"] == [1, [2, 3], "shard(-1)", "whole"]
         assert r["q"] == [0, [0, 1], "whole", "shard(-1)"]
         assert r["said"] == {"hello": [1, 2]}
+        assert r["act"] == ["shard(-1)", "shard(-1)"]  # between the col- and row-parallel layers
         assert r["placements"] == results[0]["placements"] > 40
     assert results[0]["gathered"] == [{"rank": i, "stage": i // 2} for i in range(4)]
     assert all(r["gathered"] is None for r in results[1:])
