@@ -78,8 +78,10 @@ class Failures:
         if error is not None:
             raise error
 
-    def wait(self, done: Callable[[], bool], what: str, source: Any, progress: Optional[Callable[[], bool]] = None) -> None:
-        """Poll until ``done()``; ``progress()`` runs in between (True if it did something).
+    def wait(self, done: Callable[[], bool], what: str, source: Any, progress: Optional[Callable[[], bool]] = None,
+             idle: Optional[Callable[[float], None]] = None) -> None:
+        """Poll until ``done()``; ``progress()`` runs in between (True if it did something),
+        and ``idle(seconds)`` (default: sleep) when there was nothing to do.
 
         Raises :class:`RemoteError` when another rank failed meanwhile and
         :class:`RouterTimeout` after the topology's timeout.
@@ -101,6 +103,9 @@ class Failures:
                     f"and it never came{waiting} (raise the limit with nd.init(timeout=...) or "
                     "NNSIGHT_DIST_TIMEOUT)"
                 )
+            if idle is not None:
+                idle(0.005)
+                continue
             if pause:
                 time.sleep(pause)
             pause = min(0.002, pause * 2 or 0.00005)

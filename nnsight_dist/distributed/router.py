@@ -4,10 +4,10 @@ Rank ``(stage s, tp t)`` talks to ``(stage s', tp t)`` for every other stage ``s
 ordered pair is one *stream*: messages arrive in the order they were sent (gloo keeps a
 pair's messages in order, and nothing here relies on tags). A message is
 
-1. a header: ``int64[3] = (trace, bytes of meta, number of tensors)``;
-2. the meta: JSON bytes, ``{"key": [...], "value": structure, "tensors": [[dtype, shape], ...]}``
-   where the structure holds lists, dicts, numbers, strings and ``{"__tensor__": i}``;
-3. the tensors, raw.
+1. a header: ``int64[3] = (trace, bytes of meta, bytes of body)``;
+2. a body: the meta, JSON bytes ``{"key": [...], "value": structure, "tensors": [[dtype,
+   shape], ...]}`` where the structure holds lists, dicts, numbers, strings and
+   ``{"__tensor__": i}``, followed by the raw bytes of every tensor.
 
 Nothing is pickled. The receiver keeps one header receive posted per incoming stream at
 all times and drains every stream in order into a *mailbox* keyed by ``(trace, key)``, so
@@ -19,6 +19,8 @@ not race them) and completed at the end of each trace.
 from __future__ import annotations
 
 import json
+import math
+import queue
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -106,47 +108,68 @@ def decode(structure: Any, tensors: list[torch.Tensor]) -> Any:
 
 
 class Completion:
-    """Completion of point-to-point works, observable without blocking.
+    """Completion of point-to-point works, observable without blocking (see :class:`Waiter`)."""
 
-    gloo reports a send or receive as completed only once someone waits on it, so a daemon
-    thread waits (it touches no tensor) and the model's thread polls :meth:`done`.
-    """
-
-    def __init__(self, works: list) -> None:
-        self._event = threading.Event()
-        self._error: Optional[BaseException] = None
-        threading.Thread(target=self._run, args=(works,), daemon=True).start()
-
-    def _run(self, works: list) -> None:
-        try:
-            for work in works:
-                work.wait()
-        except BaseException as e:  # reported to the polling thread by done()
-            self._error = e
-        finally:
-            self._event.set()
+    def __init__(self, notify: Optional[threading.Event] = None) -> None:
+        self.event = threading.Event()
+        self.error: Optional[BaseException] = None
+        self.notify = notify
 
     def done(self) -> bool:
         """True once every work completed; raises the error of a failed one."""
-        if not self._event.is_set():
+        if not self.event.is_set():
             return False
-        if self._error is not None:
-            raise self._error
+        if self.error is not None:
+            raise self.error
         return True
 
 
-class _Incoming:
-    """One incoming stream: the posted header receive."""
+class Waiter:
+    """A daemon thread that waits on gloo works, in order, and marks their completions.
 
-    def __init__(self, peer: int, group: Any) -> None:
+    gloo reports a send or receive as completed only once someone waits on it; this thread
+    waits so the model's thread never blocks. It touches no tensor.
+    """
+
+    def __init__(self) -> None:
+        self._queue: "queue.SimpleQueue[tuple[list, Completion]]" = queue.SimpleQueue()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def watch(self, works: list, notify: Optional[threading.Event] = None) -> Completion:
+        """A completion that turns done when every work of ``works`` has completed."""
+        completion = Completion(notify)
+        self._queue.put((works, completion))
+        return completion
+
+    def _run(self) -> None:
+        while True:
+            works, completion = self._queue.get()
+            try:
+                for work in works:
+                    work.wait()
+            except BaseException as e:  # reported to the model's thread by done()
+                completion.error = e
+            finally:
+                completion.event.set()
+                if completion.notify is not None:
+                    completion.notify.set()
+
+
+class _Incoming:
+    """One incoming stream: its posted header receive, watched by a thread of its own."""
+
+    def __init__(self, peer: int, group: Any, arrived: threading.Event) -> None:
         self.peer = peer
         self.group = group
+        self.arrived = arrived
+        self.waiter = Waiter()
         self.received: Any = None
         self.repost()
 
     def repost(self) -> None:
         self.header = torch.zeros(3, dtype=torch.long)
-        self.work = Completion([dist.irecv(self.header, src=self.peer, group=self.group)])
+        work = dist.irecv(self.header, src=self.peer, group=self.group)
+        self.work = self.waiter.watch([work], self.arrived)
 
 
 class Router:
@@ -158,7 +181,10 @@ class Router:
         self.group = group
         self.trace = 0
         self.peers = [topo.rank_of(s, topo.tp_rank) for s in range(topo.pp) if s != topo.pp_rank]
-        self.incoming = {peer: _Incoming(peer, group) for peer in self.peers}
+        #: Set whenever a header arrives on any stream (wakes router-aware waits).
+        self.arrived = threading.Event()
+        self.incoming = {peer: _Incoming(peer, group, self.arrived) for peer in self.peers}
+        self.sender = Waiter()
         self.mailbox: dict[tuple, tuple[int, Any]] = {}
         self.sends: list[tuple[Any, list[torch.Tensor]]] = []
         self.messages = 0
@@ -183,18 +209,19 @@ class Router:
     def _send(self, dst: int, key: tuple, value: Any) -> None:
         tensors: list[torch.Tensor] = []
         structure = encode(value, tensors)
-        # Copies (later in-place edits must not race the send), on the CPU for gloo.
-        tensors = [t.detach().to("cpu", copy=True).contiguous() for t in tensors]
         meta = json.dumps({"key": list(key), "value": structure,
                            "tensors": [[str(t.dtype), list(t.shape)] for t in tensors]}).encode()
-        meta_t = torch.frombuffer(bytearray(meta), dtype=torch.uint8)
-        header = torch.tensor([self.trace, meta_t.numel(), len(tensors)], dtype=torch.long)
-        keep = [header, meta_t, *tensors]
-        works = [dist.isend(t, dst=dst, group=self.group) for t in keep]
-        self.sends.append((Completion(works), keep))
+        # One body: the meta, then every tensor's bytes. Building it copies the tensors (so
+        # later in-place edits do not race the send) onto the CPU (for gloo).
+        parts = [torch.frombuffer(bytearray(meta), dtype=torch.uint8)]
+        parts += [t.detach().to("cpu").contiguous().view(-1).view(torch.uint8) for t in tensors]
+        body = torch.cat(parts) if len(parts) > 1 else parts[0]
+        header = torch.tensor([self.trace, len(meta), body.numel()], dtype=torch.long)
+        works = [dist.isend(header, dst=dst, group=self.group), dist.isend(body, dst=dst, group=self.group)]
+        self.sends.append((self.sender.watch(works), [header, body]))
         self.sent[dst] += 1
         self.messages += 1
-        size = sum(t.numel() * t.element_size() for t in tensors)
+        size = body.numel() - len(meta)
         self.bytes += size
         count = self.traffic.setdefault(key[0], [0, 0])
         count[0] += 1
@@ -226,17 +253,18 @@ class Router:
         return got
 
     def _receive(self, stream: _Incoming) -> None:
-        trace, size, count = (int(x) for x in stream.header.tolist())
-        meta_t = torch.empty(size, dtype=torch.uint8)
-        dist.recv(meta_t, src=stream.peer, group=self.group)
-        meta = json.loads(bytes(meta_t.tolist()).decode())
-        tensors = []
-        for dtype, shape in meta["tensors"]:
-            t = torch.empty(shape, dtype=_DTYPES[dtype])
-            dist.recv(t, src=stream.peer, group=self.group)
-            tensors.append(t)
-        stream.received = (trace, meta, tensors)
+        trace, size, length = (int(x) for x in stream.header.tolist())
+        body = torch.empty(length, dtype=torch.uint8)
+        dist.recv(body, src=stream.peer, group=self.group)  # sent right after its header
         stream.repost()
+        meta = json.loads(body[:size].numpy().tobytes().decode())
+        tensors, offset = [], size
+        for dtype, shape in meta["tensors"]:
+            kind = _DTYPES[dtype]
+            n = math.prod(shape) * torch.empty((), dtype=kind).element_size()
+            tensors.append(body[offset:offset + n].clone().view(kind).view(shape))
+            offset += n
+        stream.received = (trace, meta, tensors)
 
     def _deliver(self, stream: _Incoming) -> None:
         trace, meta, tensors = stream.received
@@ -257,7 +285,8 @@ class Router:
     def wait_received(self, counts: dict[int, int]) -> None:
         """A router-aware wait until ``counts[peer]`` messages of this trace came from each peer."""
         for peer, n in counts.items():
-            self.failures.wait(lambda: self.received[peer] >= n, f"{n} message(s) of this trace", peer, self.poll)
+            self.failures.wait(lambda: self.received[peer] >= n, f"{n} message(s) of this trace", peer,
+                               self.poll, self._idle)
 
     def take(self, key: tuple) -> tuple[bool, Any]:
         """The value under ``key`` in this trace's mailbox (removed), if it arrived."""
@@ -266,8 +295,13 @@ class Router:
 
     def wait(self, key: tuple, what: str, source: int) -> Any:
         """A router-aware wait: drain streams (serving arrivals) until ``key`` arrives."""
-        self.failures.wait(lambda: (self.trace, key) in self.mailbox, what, source, self.poll)
+        self.failures.wait(lambda: (self.trace, key) in self.mailbox, what, source, self.poll, self._idle)
         return self.take(key)[1]
+
+    def _idle(self, seconds: float) -> None:
+        """Sleep until a header arrives on any stream, or ``seconds``."""
+        if self.arrived.wait(seconds):
+            self.arrived.clear()
 
     def close(self, seconds: float = 10.0) -> None:
         """Say goodbye on every stream and wait for the peers' goodbyes (at exit).
@@ -279,7 +313,7 @@ class Router:
             return
         self.closed = True
         bye = torch.tensor([-1, 0, 0], dtype=torch.long)
-        sent = Completion([dist.isend(bye, dst=peer, group=self.group) for peer in self.peers])
+        sent = self.sender.watch([dist.isend(bye, dst=peer, group=self.group) for peer in self.peers])
         waiting = dict(self.incoming)
         deadline = time.monotonic() + seconds
         try:
