@@ -345,9 +345,14 @@ def minimum(s: Setup, name: str, reads: list[tuple[str, Any]]) -> dict[str, list
         return {}
     table = s.nd_model.placements()
     receivers = (topo.pp - 1) * topo.tp
-    kind = "o" if name == "cache" else "v"
-    owned = [v for path, v in reads if table[path].owner_stage is not None]
-    mins = {kind: [len(owned) * receivers, sum(nbytes(v) for v in owned) * receivers]} if owned else {}
+    owned = [(table[path].owner_stage, v) for path, v in reads if table[path].owner_stage is not None]
+    size = sum(nbytes(v) for _, v in owned) * receivers
+    if name == "cache":
+        # observed values travel together: one message from each owning rank to each other stage
+        senders = len({stage for stage, _ in owned}) * topo.tp
+        mins = {"o": [senders * (topo.pp - 1), size]} if owned else {}
+    else:
+        mins = {"v": [len(owned) * receivers, size]} if owned else {}
     mins.update(s.engine_min["generate" if name == "generate" else "forward"])
     return mins
 

@@ -8,7 +8,8 @@ engine's placements:
   are dropped here because the owner applies them;
 - fragmented locations of this stage get a :class:`~.placement.TensorCodec`;
 - every value served at an owned (non-replicated) location is pushed to the other stages
-  once, without being asked; so is every value a whole-value cache observes.
+  once, without being asked; the values a whole-value cache observes go together, in one
+  message per other stage, when the trace drains.
 
 At the end of a trace (:meth:`ReplicaSeam.drain`) the ranks tell each other how many
 messages each sent to each, drain their streams until all have arrived (serving late
@@ -95,6 +96,7 @@ class ReplicaSeam(Seam):
                                                         self.failures, location, key == "input")
         self.log: list[tuple[int, int, str]] = []
         self._expected: Optional[dict[int, int]] = None
+        self._observed: list = []
         self.attribute_reads = 0
 
     # ------------------------------------------------------------------ seam
@@ -170,8 +172,10 @@ class ReplicaSeam(Seam):
         return gather_cache(self.topo, self.failures, cache, placements, dst)
 
     def observed(self, observer: int, visit: int, location: str, value: Any) -> None:
+        # Observed values (caches) are wanted only after the run: they travel together, in
+        # one message per other stage when the trace drains.
         if self.owner.get(location) is not None:
-            self.router.broadcast(("o", observer, visit), value)
+            self._observed.append([observer, visit, value])
 
     def _check_same(self, theirs: str, mine: str, mediator: int, seq: int) -> None:
         if theirs != mine:
@@ -191,11 +195,10 @@ class ReplicaSeam(Seam):
                 self.router.mailbox.pop((self.router.trace, key), None)
                 self.interleaver.deliver(mediator, seq, value)
         elif kind == "o":
-            _, observer, visit = key
+            self.router.mailbox.pop((self.router.trace, key), None)
             observers = self.interleaver.observer_list
-            if observer < len(observers):
-                self.router.mailbox.pop((self.router.trace, key), None)
-                observers[observer].fn(value, visit)
+            for observer, visit, observed in value:
+                observers[observer].fn(observed, visit)
 
     # ------------------------------------------------------------------ trace lifecycle
 
@@ -218,6 +221,7 @@ class ReplicaSeam(Seam):
         self.router.next_trace()
         self.log = []
         self._expected: Optional[dict[int, int]] = None
+        self._observed: list = []
 
     def drain(self) -> None:
         """Take in every message of this trace (serving late arrivals); complete the sends.
@@ -229,6 +233,9 @@ class ReplicaSeam(Seam):
         ranks = self.topo.replica_ranks()
         if not router.peers:
             return  # one stage: nothing travels between stages
+        if self._observed:
+            router.broadcast(("o", self.topo.rank), self._observed)
+            self._observed = []
         if self._expected is None:
             mine = torch.tensor([router.sent.get(r, 0) for r in ranks], dtype=torch.long)
             parts = [torch.zeros(len(ranks), dtype=torch.long) for _ in ranks]
