@@ -36,7 +36,7 @@ from ..intervention.seam import Codec, Seam
 from .exchange import all_gather_json, gather_cache
 from .failure import Failures
 from .placement import LOCAL, PARTIAL, WHOLE, Placement, TensorCodec, shard
-from .router import Router
+from .router import Router, _shape_only
 from .topology import Topology, at_exit
 
 
@@ -97,6 +97,7 @@ class ReplicaSeam(Seam):
         self.log: list[tuple[int, int, str]] = []
         self._expected: Optional[dict[int, int]] = None
         self._observed: list = []
+        self._fragments: list = []
         self.attribute_reads = 0
 
     # ------------------------------------------------------------------ seam
@@ -141,6 +142,38 @@ class ReplicaSeam(Seam):
             self.attribute_reads += 1
             router.broadcast(("p", path, name, self.attribute_reads), {"value": value})
         return value
+
+    def defer(self, observer: Any, visit: int, location: str, value: Any) -> bool:
+        """Fragments a whole-value cache observes are gathered together when the run ends
+        (one collective per dtype instead of one per visit); nothing waits on them before."""
+        codec = self.codecs.get(location)
+        if not isinstance(codec, TensorCodec) or codec.on_input or not isinstance(value, torch.Tensor) \
+                or _shape_only(value):
+            return False
+        self._fragments.append((observer, visit, location, value.detach().clone(), codec))
+        return True
+
+    def _assemble_fragments(self) -> None:
+        """Gather every deferred fragment (see :meth:`defer`) and hand each observer its value."""
+        pending, self._fragments = self._fragments, []
+        by_dtype: dict[torch.dtype, list] = {}
+        for item in pending:
+            by_dtype.setdefault(item[3].dtype, []).append(item)
+        group, tp = self.topo.group("tp"), self.topo.tp
+        for items in by_dtype.values():
+            flat = torch.cat([item[3].reshape(-1) for item in items])
+            parts = [torch.empty_like(flat) for _ in range(tp)]
+            work = dist.all_gather(parts, flat, group=group, async_op=True)
+            self.failures.wait_work(work, "the all-gather of the cached fragments", "its tensor-parallel group")
+            offset = 0
+            for observer, visit, location, local, codec in items:
+                n = local.numel()
+                pieces = [p[offset:offset + n].view(local.shape) for p in parts]
+                offset += n
+                whole = sum(pieces[1:], pieces[0]) if codec.partial else torch.cat(pieces, dim=codec.dim)
+                observer.fn(whole, visit)
+                if self.owner.get(location) is not None:
+                    self._observed.append([observer.index, visit, whole])
 
     def operations(self, path: str, names: list[str]) -> None:
         """Operations live where their module lives. Inside a tensor-parallel module, an
@@ -222,6 +255,7 @@ class ReplicaSeam(Seam):
         self.log = []
         self._expected: Optional[dict[int, int]] = None
         self._observed: list = []
+        self._fragments: list = []
 
     def drain(self) -> None:
         """Take in every message of this trace (serving late arrivals); complete the sends.
@@ -229,6 +263,8 @@ class ReplicaSeam(Seam):
         The ranks exchange how many messages each sent to each (a collective, not a router
         message: a trace whose values never cross stages costs the router nothing).
         """
+        if self._fragments:
+            self._assemble_fragments()
         router = self.router
         ranks = self.topo.replica_ranks()
         if not router.peers:

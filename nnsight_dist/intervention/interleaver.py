@@ -217,6 +217,8 @@ class Interleaver:
                     obs.fn(value, site.n)
                     continue
                 if whole is None:
+                    if codec is not None and self.seam.defer(obs, site.n, location, value):
+                        continue  # assembled with the run's other fragments when it ends
                     whole = value if codec is None else codec.whole(value)
                 obs.fn(whole, site.n)
                 if self.seam.routing:

@@ -60,6 +60,10 @@ class Seam:
         """
         return local()
 
+    def defer(self, observer: Any, visit: int, location: str, value: Any) -> bool:
+        """Take over observing this fragment (to assemble it later, with others); True if taken."""
+        return False
+
     def operations(self, path: str, names: list[str]) -> None:
         """The module at ``path`` exposed the ``.source`` operations ``names``."""
 

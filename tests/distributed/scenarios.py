@@ -85,11 +85,14 @@ def trace_values(model) -> dict[str, torch.Tensor]:
     v.update(adhoc_colwise=gate, adhoc_rowwise=down)
 
     with model.trace(PROMPTS[0]) as tracer:                           # a cache over both stages
-        cache = tracer.cache(modules=[layers[0].mlp, layers[3].mlp, model.lm_head], include_inputs=True)
+        cache = tracer.cache(modules=[layers[0].mlp, layers[0].self_attn.q_proj, layers[3].mlp,
+                                      layers[3].mlp.act_fn, model.lm_head], include_inputs=True)
     v["cache_stage0"] = cache["model.model.layers.0.mlp"].output
     v["cache_stage1"] = cache["model.model.layers.3.mlp"].output
     v["cache_stage1_input"] = cache["model.model.layers.3.mlp"].input
     v["cache_lm_head"] = cache.model.lm_head.output
+    v["cache_colwise"] = cache["model.model.layers.0.self_attn.q_proj"].output          # fragments,
+    v["cache_stage1_between"] = cache["model.model.layers.3.mlp.act_fn"].output         # gathered at the end
 
     with model.trace(PROMPTS[0]) as tracer:                           # sharded, then gathered
         sharded = tracer.cache(modules=[layers[0].self_attn.q_proj, layers[0].mlp.down_proj, layers[3].mlp,
