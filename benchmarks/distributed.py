@@ -122,6 +122,7 @@ from tqdm import tqdm
 
 import nnsight_dist as nd
 from nnsight_dist.distributed import placement as nd_placement
+from nnsight_dist.distributed import replica as nd_replica
 
 PROMPT = "The Eiffel Tower is in the city of"
 SCENARIOS = ("empty", "one_save", "every_layer", "one_edit", "cache", "generate")
@@ -379,8 +380,10 @@ def fragmented_outputs(s: Setup) -> set[str]:
 
 
 def gather_minimum(s: Setup, name: str, reads: list[tuple[str, Any]]) -> int:
-    """Tensor-parallel gathers the scenario needs on one rank: one per read of a fragmented output."""
-    return sum(1 for path, _ in reads if path in s.fragmented)
+    """Tensor-parallel gathers the scenario needs on one rank: one per read of a fragmented
+    output; a cache needs one for all its fragments (nothing waits on them during the run)."""
+    fragmented = sum(1 for path, _ in reads if path in s.fragmented)
+    return min(fragmented, 1) if name == "cache" else fragmented
 
 
 # ---------------------------------------------------------------------------- runs
@@ -578,11 +581,19 @@ def count_gathers():
             counts[1] += out.numel() * out.element_size()
         return out
 
-    cls._gather = counted
+    seam = nd_replica.ReplicaSeam
+    assemble = seam._assemble_fragments
+
+    def counted_assemble(self):  # a whole-value cache gathers its fragments together at the end
+        counts[0] += len({f[3].dtype for f in self._fragments})
+        counts[1] += sum(f[3].numel() * f[3].element_size() for f in self._fragments) * self.topo.tp
+        return assemble(self)
+
+    cls._gather, seam._assemble_fragments = counted, counted_assemble
     try:
         yield counts
     finally:
-        cls._gather = original
+        cls._gather, seam._assemble_fragments = original, assemble
 
 
 def check_and_count(s: Setup, scenarios: list[str], variants: list[str]) -> dict[str, dict]:
