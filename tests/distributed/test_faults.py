@@ -12,7 +12,7 @@ import nnsight_dist as nd
 from nnsight_dist.testing.ranks import run_ranks
 
 TOPOLOGIES = {"tp2": (2, 2, 1), "pp2": (2, 1, 2)}
-ENV = {"NNSIGHT_DIST_TIMEOUT": "4"}
+ENV = {"NNSIGHT_DIST_TIMEOUT": "6"}
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +24,8 @@ def _outcome(result) -> str:
     return result[1] if isinstance(result, tuple) and result[0] == "error" else ("died" if isinstance(result, tuple) else "ok")
 
 
-def _one_rank_raises(rank: int, path: str, tp: int, pp: int) -> str:
-    model = nd.LanguageModel(path, tp=tp, pp=pp)
+def _one_rank_raises(rank: int, path: str, tp: int, pp: int, model=None) -> str:
+    model = model or nd.LanguageModel(path, tp=tp, pp=pp)
     try:
         with model.trace("Hello world"):
             x = model.model.layers[0].mlp.input
@@ -84,7 +84,7 @@ def _never_comes(rank: int, path: str, tp: int, pp: int) -> None:
     with model.trace("Hello world"):
         h = model.model.layers[0].output.save()
         if rank == 1:
-            time.sleep(6)  # past the 4 s timeout: rank 0 gives up waiting
+            time.sleep(8)  # past the 6 s timeout: rank 0 gives up waiting
         logits = model.lm_head.output.save()
 
 
@@ -102,11 +102,7 @@ def test_value_that_never_comes(path, topology):
 def _after_failure(rank: int, path: str) -> str:
     model = nd.LanguageModel(path, tp=2)
     try:
-        with model.trace("Hello world"):
-            x = model.model.layers[0].mlp.input
-            if rank == 1:
-                raise ValueError("boom on one rank")
-            y = model.model.layers[0].mlp.down_proj.output.save()
+        _one_rank_raises(rank, path, 2, 1, model)
     except (ValueError, nd.RemoteError):
         pass
     with model.trace("Hello world"):
