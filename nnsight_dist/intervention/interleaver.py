@@ -310,6 +310,7 @@ class Interleaver:
                     self._resume(med, None)
 
     def _park(self, med: Mediator, wait: Wait) -> Any:
+        med.parks += 1
         med.wait = wait
         if wait.kind not in ("barrier", "remote"):
             self.waiting.setdefault(wait.location, []).append(med)

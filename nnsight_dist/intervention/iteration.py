@@ -57,7 +57,10 @@ class StepLoop:
         try:
             for i in self.steps:
                 med.iteration, med.unbounded = i, self.unbounded
+                touched = med.seq, med.parks
                 yield i
+                if self.unbounded and (med.seq, med.parks) == touched:
+                    break  # an open-ended loop whose body never waits on the model would spin
         finally:
             med.iteration, med.unbounded = outer
 

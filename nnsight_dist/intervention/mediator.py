@@ -49,6 +49,8 @@ class Mediator:
         self.iteration: Optional[int] = None
         #: Number of value requests made so far; the n-th request is the same on every rank.
         self.seq = 0
+        #: Number of times the body parked (waited on the model).
+        self.parks = 0
         #: True inside ``tracer.all()``/``iter[:]``: running out of steps ends the body quietly.
         self.unbounded = False
         #: A one-shot eproperty transform to apply when the body next parks.

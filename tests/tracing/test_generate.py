@@ -148,3 +148,15 @@ def test_all_ends_quietly_when_generation_stops_early(tiny):
     assert ids.shape[1] == tiny.encode(PROMPT)["input_ids"].shape[1] + 1  # stopped after one step
     assert len(steps) == len(logits) == 1
     equal(steps[0], logits[0])
+
+
+def test_open_ended_loop_without_model_access_ends(tiny):
+    """tracer.all() with no max_new_tokens and a body that never waits on the model: the
+    loop ends after its first step instead of spinning."""
+    with tiny.model.generate(PROMPT, do_sample=False, max_length=12) as tracer:
+        count = nd.save([])
+        for step in tracer.all():
+            count.append(step)
+        tokens = tracer.result.save()
+    assert count == [0]
+    assert tokens.shape[-1] == 12
