@@ -102,92 +102,27 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import cProfile
-import io
-import json
 import os
 import platform
-import pstats
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
-from tqdm import tqdm
 
 import nnsight_dist as nd
-from nnsight_dist.distributed import placement as nd_placement
-from nnsight_dist.distributed import replica as nd_replica
 
-PROMPT = "The Eiffel Tower is in the city of"
-SCENARIOS = ("empty", "one_save", "every_layer", "one_edit", "cache", "generate")
-GENERATE_TOKENS = 3
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script: find common.py
+import common  # noqa: E402
+import distributed_checks  # noqa: E402
+import distributed_diagnostics  # noqa: E402
+from common import GENERATE_TOKENS, PROMPT, SCENARIOS, say  # noqa: E402
+
 DEFAULT_REPS = {"tp": 170, "pp": 300}
-
-
-# ---------------------------------------------------------------------------- helpers
-
-
-def flat(value: Any) -> list[torch.Tensor]:
-    """Every tensor in a nest (tuples, lists, dicts, model outputs), depth first."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in flat(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in flat(v)]
-    return []
-
-
-def nbytes(value: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in flat(value))
-
-
-def same(ref: Any, got: Any) -> Optional[str]:
-    """``None`` when ``got`` holds the tensors of ``ref`` (shapes equal, values close)."""
-    if type(ref) is dict and type(got) is dict:  # a cache: path -> output
-        if set(ref) != set(got):
-            return f"keys differ: {sorted(set(ref) ^ set(got))[:5]}"
-        problems = [f"{key}: {p}" for key in ref for p in [same(ref[key], got[key])] if p]
-        if not problems:
-            return None
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        return f"{len(problems)} of {len(ref)} entries differ: " + "; ".join(problems[:3]) + more
-    ta, tb = flat(ref), flat(got)
-    if len(ta) != len(tb):
-        return f"{len(ta)} tensors vs {len(tb)}"
-    for x, y in zip(ta, tb):
-        if x.shape != y.shape:
-            return f"shape {tuple(y.shape)}, whole value {tuple(x.shape)} (a fragment?)"
-        if not torch.equal(x, y) and not torch.allclose(x.float(), y.float(), atol=1e-5, rtol=1e-5):
-            return f"values differ (max |diff| {(x.float() - y.float()).abs().max().item():.3g})"
-    return None
-
-
-@contextlib.contextmanager
-def hooks(pairs: list[tuple[torch.nn.Module, Callable]]):
-    handles = [module.register_forward_hook(fn) for module, fn in pairs]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def median_se(values: list[float]) -> float:
-    """Standard error of the median, from the median absolute deviation (robust)."""
-    med = statistics.median(values)
-    mad = statistics.median([abs(v - med) for v in values])
-    return 1.2533 * 1.4826 * mad / max(len(values), 1) ** 0.5
-
-
-def say(*args: Any) -> None:
-    print(*args, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------- set-up
@@ -266,124 +201,6 @@ def setup(args: argparse.Namespace, topo: Any, root: str) -> Setup:
                  n_layers // 2, n_layers, group)
 
 
-# ---------------------------------------------------------------------------- reference
-# The single-process model with hooks: what each scenario must give (checks), and the
-# whole values a minimal router would send (traffic minimum).
-
-
-def reference(s: Setup, name: str) -> tuple[Any, list[tuple[str, Any]]]:
-    """(expected check value, [(module path, whole value read)] for the minimum)."""
-    m = s.ref_model
-    layers = m.model.layers
-    mods = {f"model.{n}" if n else "model": mod for n, mod in m.named_modules()}
-    with torch.no_grad():
-        if name == "empty":
-            return m(**s.batch).logits, []
-        if name in ("one_save", "every_layer"):
-            kept = []
-            picked = [s.mid] if name == "one_save" else list(range(s.n_layers))
-            with hooks([(layers[i], lambda mod, a, o: kept.append(o)) for i in picked]):
-                m(**s.batch)
-            reads = [(f"model.model.layers.{i}", v) for i, v in zip(picked, kept)]
-            return (kept[0] if name == "one_save" else kept), reads
-        if name == "one_edit":
-            read = []
-
-            def edit(mod, a, o):
-                read.append(o.clone())
-                o[:, -1] = 0
-
-            with hooks([(layers[s.mid], edit)]):
-                logits = m(**s.batch).logits
-            return logits, [(f"model.model.layers.{s.mid}", read[0])]
-        if name == "cache":
-            cache: dict[str, Any] = {}
-
-            def recorder(path):
-                return lambda mod, a, o: cache.__setitem__(path, o)
-
-            with hooks([(mod, recorder(p)) for p, mod in mods.items()]):
-                m(**s.batch)
-            return cache, list(cache.items())
-        if name == "generate":
-            steps = []
-            with hooks([(m.lm_head, lambda mod, a, o: steps.append(o))]):
-                tokens = m.generate(**s.batch, max_new_tokens=GENERATE_TOKENS, do_sample=False, pad_token_id=s.pad)
-            return ([o[:, -1].argmax(-1) for o in steps], tokens), [("model.lm_head", o) for o in steps]
-    raise KeyError(name)
-
-
-def engine_minimum(s: Setup) -> dict[str, list[int]]:
-    """Stage-to-stage transfers a pipeline needs per trace: kind -> [messages, bytes], with
-    per-step sizes from the reference (hidden states at each boundary, logits)."""
-    if s.topo.pp == 1:
-        return {}
-    from nnsight_dist.engines.transformers import layer_range
-
-    pp, tp = s.topo.pp, s.topo.tp
-    m = s.ref_model
-    out: dict[str, dict[str, list[int]]] = {}
-    for name, gen in (("forward", False), ("generate", True)):
-        bounds = [layer_range(st, pp, s.n_layers)[1] - 1 for st in range(pp - 1)]
-        hidden: list[int] = []
-        logits: list[int] = []
-        pairs = [(m.model.layers[b], lambda mod, a, o: hidden.append(nbytes(o))) for b in bounds]
-        pairs.append((m.lm_head, lambda mod, a, o: logits.append(nbytes(o))))
-        with torch.no_grad(), hooks(pairs):
-            if gen:
-                m.generate(**s.batch, max_new_tokens=GENERATE_TOKENS, do_sample=False, pad_token_id=s.pad)
-            else:
-                m(**s.batch)
-        out[name] = {"h": [len(hidden) * tp, sum(hidden) * tp],
-                     "logits": [len(logits) * (pp - 1) * tp, sum(logits) * (pp - 1) * tp]}
-    return out
-
-
-def minimum(s: Setup, name: str, reads: list[tuple[str, Any]]) -> dict[str, list[int]]:
-    """The fewest router messages and bytes the scenario needs, by kind."""
-    topo = s.topo
-    if topo.pp == 1:
-        return {}
-    table = s.nd_model.placements()
-    receivers = (topo.pp - 1) * topo.tp
-    owned = [(table[path].owner_stage, v) for path, v in reads if table[path].owner_stage is not None]
-    size = sum(nbytes(v) for _, v in owned) * receivers
-    if name == "cache":
-        # observed values travel together: one message from each owning rank to each other stage
-        senders = len({stage for stage, _ in owned}) * topo.tp
-        mins = {"o": [senders * (topo.pp - 1), size]} if owned else {}
-    else:
-        mins = {"v": [len(owned) * receivers, size]} if owned else {}
-    mins.update(s.engine_min["generate" if name == "generate" else "forward"])
-    return mins
-
-
-def fragmented_outputs(s: Setup) -> set[str]:
-    """Module paths whose output, as the sharded module returns it on this rank, is not the
-    whole value: an untraced forward of the sharded model with plain forward hooks, shapes
-    compared with the single-process reference (independent of nnsight_dist's placements)."""
-    if s.topo.tp == 1:
-        return set()
-    shapes: dict[str, list] = {}
-
-    def recorder(store, path):
-        return lambda mod, a, o: store.__setitem__(path, [tuple(t.shape) for t in flat(o)])
-
-    local: dict[str, list] = {}
-    mods = {f"model.{n}" if n else "model": m for n, m in s.nd_model._module.named_modules()}
-    with torch.no_grad(), hooks([(m, recorder(local, p)) for p, m in mods.items()]):
-        s.nd_model._module(**s.batch)
-    mods = {f"model.{n}" if n else "model": m for n, m in s.ref_model.named_modules()}
-    with torch.no_grad(), hooks([(m, recorder(shapes, p)) for p, m in mods.items()]):
-        s.ref_model(**s.batch)
-    return {p for p in shapes if p in local and local[p] != shapes[p]}
-
-
-def gather_minimum(s: Setup, name: str, reads: list[tuple[str, Any]]) -> int:
-    """Tensor-parallel gathers the scenario needs on one rank: one per read of a fragmented
-    output; a cache needs one for all its fragments (nothing waits on them during the run)."""
-    fragmented = sum(1 for path, _ in reads if path in s.fragmented)
-    return min(fragmented, 1) if name == "cache" else fragmented
 
 
 # ---------------------------------------------------------------------------- runs
@@ -564,272 +381,16 @@ RUNNERS = {"untraced": untraced_run, "empty_trace": empty_trace_run, "nnsight_di
            "nnsight": nn_run, "p2p": p2p_run}
 
 
-# ---------------------------------------------------------------------------- checks and traffic
-
-
-@contextlib.contextmanager
-def count_gathers():
-    """Count the tensor-parallel gathers of fragmented locations (and their bytes) meanwhile."""
-    cls = nd_placement.TensorCodec
-    original = cls._gather
-    counts = [0, 0]
-
-    def counted(self, t):
-        out = original(self, t)
-        if isinstance(t, torch.Tensor):
-            counts[0] += 1
-            counts[1] += out.numel() * out.element_size()
-        return out
-
-    seam = nd_replica.ReplicaSeam
-    assemble = seam._assemble_fragments
-
-    def counted_assemble(self):  # a whole-value cache gathers its fragments together at the end
-        counts[0] += len({f[3].dtype for f in self._fragments})
-        counts[1] += sum(f[3].numel() * f[3].element_size() for f in self._fragments) * self.topo.tp
-        return assemble(self)
-
-    cls._gather, seam._assemble_fragments = counted, counted_assemble
-    try:
-        yield counts
-    finally:
-        cls._gather, seam._assemble_fragments = original, assemble
-
-
-def check_and_count(s: Setup, scenarios: list[str], variants: list[str]) -> dict[str, dict]:
-    """Run each scenario once per traced variant; compare with the reference on every rank;
-    record router traffic and tp gathers (summed over ranks). Returns per-scenario info on rank 0."""
-    topo = s.topo
-    router = s.nd_model.interleaver.seam.router if topo.distributed else None
-    info: dict[str, dict] = {}
-    s.engine_min = engine_minimum(s)
-    s.fragmented = fragmented_outputs(s)
-    for name in scenarios:
-        expected, reads = reference(s, name)
-        problem = same(expected, nd_run(s, name, True))
-        with count_gathers() as gathers:  # traffic of the timed body (no check read)
-            nd_run(s, name)
-        traffic = {k: list(v) for k, v in (router.traffic if router is not None else {}).items()}
-        nn_problem = None
-        if "nnsight" in variants:
-            try:
-                nn_problem = same(expected, nn_run(s, name, True))
-            except Exception as e:
-                nn_problem = f"FAILED {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else '(no message)'}"
-                if name == "cache":  # which part fails, and are the other values whole?
-                    try:
-                        partial = nn_run(s, "cache_but_embedding", True)
-                        rest = {k: v for k, v in expected.items() if not k.endswith("embed_tokens")}
-                        nn_problem += ("; a cache of every module but embed_tokens runs: "
-                                       + (same(rest, partial) or "all values whole and equal"))
-                    except Exception as e2:
-                        nn_problem += f"; without embed_tokens too: {type(e2).__name__}"
-        everyone = nd.gather_object({"problem": problem, "nn": nn_problem, "traffic": traffic,
-                                     "gathers": list(gathers)})
-        if topo.rank == 0:
-            bad = [(r, e["problem"]) for r, e in enumerate(everyone) if e["problem"]]
-            total: dict[str, list[int]] = {}
-            for e in everyone:
-                for k, (n, b) in e["traffic"].items():
-                    t = total.setdefault(k, [0, 0])
-                    t[0] += n
-                    t[1] += b
-            nn_issue = next((e["nn"] for e in everyone if e["nn"]), None)
-            info[name] = {
-                "traffic": total,
-                "minimum": minimum(s, name, reads),
-                "gathers": [sum(e["gathers"][0] for e in everyone), sum(e["gathers"][1] for e in everyone)],
-                "gathers_min": gather_minimum(s, name, reads) * topo.tp,
-                "nnsight_check": nn_issue,
-                "check": f"rank {bad[0][0]}: {bad[0][1]}" if bad else None,
-            }
-        if "p2p" in variants and name in ("empty", "generate"):
-            got = p2p_run(s, name, True)
-            p2p_problem = same(expected if name == "empty" else expected[1], got)
-            if p2p_problem:
-                raise SystemExit(f"the hand-made p2p pipeline is wrong on rank {topo.rank} ({name}): {p2p_problem}")
-        failed = nd.broadcast_object(info[name]["nnsight_check"] if topo.rank == 0 else None)
-        if failed and failed.startswith("FAILED"):
-            s.nn_broken[name] = failed
-    return info
-
-
 # ---------------------------------------------------------------------------- timing
 
 
 def measure(s: Setup, scenarios: list[str], variants: list[str], reps: int, warmup: int,
-            progress: bool) -> dict[str, dict[str, list[float]]]:
-    """Rank 0's times in seconds, ``[scenario][variant] -> one per repetition``."""
-    times = {name: {v: [] for v in variants} for name in scenarios}
-
-    def active(v: str, name: str) -> bool:
-        return not (v == "nnsight" and name in s.nn_broken)
-
-    for _ in range(warmup):
-        for name in scenarios:
-            for v in variants:
-                if active(v, name):
-                    RUNNERS[v](s, name)
-    clock = time.perf_counter
-    bar = tqdm(range(reps), desc=f"{s.mode}", unit="rep", disable=not progress, file=sys.stderr)
-    for rep in bar:
-        for name in scenarios:
-            k = rep % len(variants)
-            for v in variants[k:] + variants[:k]:  # rotating order, the same on every rank
-                if not active(v, name):
-                    continue
-                t0 = clock()
-                RUNNERS[v](s, name)
-                times[name][v].append(clock() - t0)
-    return times
-
-
-def micro(s: Setup, n: int = 100) -> str:
-    """Costs of the pieces, measured in place (``--micro``; instruments internals, timing only):
-
-    - the two end-of-trace exchanges of an empty trace (``ReplicaSeam.drain``: the replica
-      all-gathers how many router messages each rank sent; ``ReplicaSeam.close``: the
-      digest barrier), against a bare blocking all-gather of ``int64[3]``;
-    - tp: one gather of a fragmented value inside a ``cache`` trace (``TensorCodec._gather``)
-      against a bare blocking all-gather of the same fragment;
-    - pp: 56 values of one hidden state's size (what ``cache`` sends) from the last stage
-      to stage 0 through the router, against plain blocking send/recv of the same
-      tensors and against one send of all of them in one buffer.
-    """
-    import torch.distributed as dist
-    from nnsight_dist.distributed import replica
-
-    topo = s.topo
-    med = lambda v: statistics.median(v) * 1e3  # noqa: E731
-    lines = []
-    spent: dict[str, list[float]] = {"drain": [], "close": [], "gather": []}
-
-    def timed(key: str, fn: Callable) -> Callable:
-        def run(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                spent[key].append(time.perf_counter() - t0)
-        return run
-
-    cls = replica.ReplicaSeam
-    saved = cls.drain, cls.close, nd_placement.TensorCodec._gather
-    cls.drain, cls.close = timed("drain", cls.drain), timed("close", cls.close)
-    try:
-        for _ in range(n):
-            nd_run(s, "empty")
-    finally:
-        cls.drain, cls.close = saved[0], saved[1]
-    group = topo.group("replica")
-    small = torch.zeros(3, dtype=torch.long)
-    parts = [torch.zeros(3, dtype=torch.long) for _ in topo.replica_ranks()]
-    bare = []
-    for _ in range(2 * n):
-        t0 = time.perf_counter()
-        dist.all_gather(parts, small, group=group)
-        bare.append(time.perf_counter() - t0)
-    lines.append(f"end of an empty trace: drain {med(spent['drain']):.3f} ms + close {med(spent['close']):.3f} ms; "
-                 f"a bare blocking all_gather of int64[3] on the replica: {med(bare):.3f} ms")
-    hidden = s.nd_model.config.hidden_size
-    if topo.tp > 1:
-        nd_placement.TensorCodec._gather = timed("gather", saved[2])
-        try:
-            for _ in range(max(n // 4, 5)):
-                nd_run(s, "cache")
-        finally:
-            nd_placement.TensorCodec._gather = saved[2]
-        piece = torch.randn(1, s.batch["input_ids"].shape[1], hidden // topo.tp)
-        parts = [torch.empty_like(piece) for _ in range(topo.tp)]
-        bare = []
-        for _ in range(2 * n):
-            t0 = time.perf_counter()
-            dist.all_gather(parts, piece, group=topo.group("tp"))
-            bare.append(time.perf_counter() - t0)
-        lines.append(f"tp gather inside a cache trace: {med(spent['gather']):.3f} ms each (median of "
-                     f"{len(spent['gather'])}); a bare blocking all_gather of {tuple(piece.shape)}: {med(bare):.3f} ms")
-    if topo.pp > 1:
-        router = s.nd_model.interleaver.seam.router  # internal: driven directly, between traces
-        count, value = 56, torch.randn(1, s.batch["input_ids"].shape[1], hidden)
-        src, dst = topo.rank_of(topo.pp - 1, topo.tp_rank), topo.rank_of(0, topo.tp_rank)
-        me = topo.rank
-
-        def routed() -> None:
-            router.next_trace()
-            if me == src:
-                for i in range(count):
-                    router.send(dst, ("o", 0, i), value)
-                router.complete_sends()
-            elif me == dst:
-                for i in range(count):
-                    router.wait(("o", 0, i), "a value", src)
-            dist.barrier(group=s.p2p_group)
-
-        def plain() -> None:
-            if me == src:
-                for _ in range(count):
-                    dist.send(value, dst=dst, group=s.p2p_group)
-            elif me == dst:
-                got = torch.empty_like(value)
-                for _ in range(count):
-                    dist.recv(got, src=src, group=s.p2p_group)
-            dist.barrier(group=s.p2p_group)
-
-        def one() -> None:
-            if me == src:
-                dist.send(value.repeat(count, 1, 1), dst=dst, group=s.p2p_group)
-            elif me == dst:
-                dist.recv(torch.empty(count, *value.shape[1:]), src=src, group=s.p2p_group)
-            dist.barrier(group=s.p2p_group)
-
-        res = {}
-        for name, fn in (("router", routed), ("plain", plain), ("one", one)):
-            for _ in range(3):
-                fn()
-            ts = []
-            for _ in range(max(n // 4, 5)):
-                t0 = time.perf_counter()
-                fn()
-                ts.append(time.perf_counter() - t0)
-            res[name] = med(ts)
-        kib = value.numel() * value.element_size() / 1024
-        lines.append(f"{count} values of {kib:.1f} KiB, stage {topo.pp - 1} -> stage 0: router {res['router']:.2f} ms "
-                     f"({res['router'] / count:.3f} ms per message); plain blocking send/recv {res['plain']:.2f} ms "
-                     f"({res['plain'] / count:.3f} ms per message); all in one buffer {res['one']:.2f} ms")
-    return "\n".join(lines)
-
-
-def profile(s: Setup, scenarios: list[str], n: int) -> str:
-    """cProfile ``n`` nnsight_dist traces per scenario on rank 0 (every rank runs them)."""
-    out = io.StringIO()
-    for name in scenarios:
-        prof = cProfile.Profile() if s.topo.rank == 0 else None
-        for _ in range(2):
-            nd_run(s, name)
-        if prof is not None:
-            prof.enable()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            nd_run(s, name)
-        wall = (time.perf_counter() - t0) / n * 1e3
-        if prof is None:
-            continue
-        prof.disable()
-        st = pstats.Stats(prof)
-        own = sum(v[2] for k, v in st.stats.items() if "nnsight_dist" in k[0]) / n * 1e3
-        out.write(f"\n## profile: {name} ({n} traces, {wall:.2f} ms per trace under the profiler; "
-                  f"own time in nnsight_dist {own:.2f} ms per trace)\n")
-        rows = []
-        for (file, line, fn), (cc, nc, tt, ct, _) in st.stats.items():
-            short = file.split("site-packages/")[-1].split("/work/main/")[-1]
-            rows.append((ct / n * 1e3, tt / n * 1e3, nc / n, f"{short}:{line} {fn}"))
-        out.write("cum ms   own ms   calls  function (by cumulative time)\n")
-        for ct, tt, nc, where in sorted(rows, reverse=True)[:28]:
-            out.write(f"{ct:7.3f}  {tt:7.3f}  {nc:6.1f}  {where}\n")
-        out.write("-- by own time --\n")
-        for ct, tt, nc, where in sorted(rows, key=lambda r: -r[1])[:14]:
-            out.write(f"{ct:7.3f}  {tt:7.3f}  {nc:6.1f}  {where}\n")
-    return out.getvalue()
+            progress: bool) -> common.Times:
+    """Rank 0's times in seconds, ``[scenario][variant] -> one per repetition`` (rotating
+    order, the same on every rank; nnsight is left out where it failed the check)."""
+    return common.measure_rotating(lambda v, name: RUNNERS[v](s, name), scenarios, variants, reps, warmup,
+                                   f"{s.mode}", progress,
+                                   active=lambda v, name: not (v == "nnsight" and name in s.nn_broken))
 
 
 # ---------------------------------------------------------------------------- report
@@ -858,8 +419,7 @@ def paired(per: dict[str, list[float]], v: str, base: str) -> str:
     """Median of the paired differences ``v - base`` (ms) ± its standard error."""
     if not per.get(v):
         return "n/a"
-    diffs = [(a - b) * 1e3 for a, b in zip(per[v], per[base])]
-    return f"{statistics.median(diffs):+.2f}±{median_se(diffs):.2f}"
+    return common.pm(*common.paired(per[v], per[base]))
 
 
 def rows_for(s: Setup, times: dict, info: dict, variants: list[str]) -> tuple[list[str], list[list[str]]]:
@@ -873,7 +433,7 @@ def rows_for(s: Setup, times: dict, info: dict, variants: list[str]) -> tuple[li
                    "vs min"]
     body = []
     for name, per in times.items():
-        med = {v: statistics.median(ts) * 1e3 for v, ts in per.items() if ts}
+        med = {v: common.median_ms(ts) for v, ts in per.items() if ts}
         over = lambda v: paired(per, v, base)  # noqa: E731
         f = lambda v: f"{med[v]:.2f}" if v in med else "n/a"  # noqa: E731
         r = lambda a, b: f"{med[a] / med[b]:.2f}" if a in med and b in med else "n/a"  # noqa: E731
@@ -891,35 +451,17 @@ def rows_for(s: Setup, times: dict, info: dict, variants: list[str]) -> tuple[li
     return header, body
 
 
-def render(header: list[str], body: list[list[str]], markdown: bool) -> str:
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-        return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in body])
-    widths = [max(len(h), *(len(c[i]) for c in body)) for i, h in enumerate(header)]
-    fmt = lambda cs: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cs, widths)))  # noqa: E731
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(c) for c in body])
-
-
 # ---------------------------------------------------------------------------- main
 
 
-def _list(value: str) -> list[str]:
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [v for v in items if v not in SCENARIOS]
-    if bad or not items:
-        raise argparse.ArgumentTypeError(f"unknown scenario {bad}; choose from {', '.join(SCENARIOS)}")
-    return items
-
-
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser(__doc__)
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree")
     parser.add_argument("--reps", type=int, default=None,
                         help=f"timed repetitions (default {DEFAULT_REPS['tp']} at tp, {DEFAULT_REPS['pp']} at pp)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed repetitions first (default 3)")
-    parser.add_argument("--scenarios", type=_list, default=list(SCENARIOS), help="comma-separated: " + ", ".join(SCENARIOS))
+    parser.add_argument("--scenarios", type=common.choices(SCENARIOS, "scenario"), default=list(SCENARIOS), help="comma-separated: " + ", ".join(SCENARIOS))
     parser.add_argument("--model-dir", default=None, help="build the model in DIR/llama and reuse it (default: a temp dir)")
     parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     parser.add_argument("--json", metavar="PATH", help="also write raw times and traffic as JSON (rank 0)")
@@ -954,7 +496,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             variants = ["untraced", "nnsight_dist"] + (["nnsight"] if s.nn_model is not None else [])
         else:
             variants = ["empty_trace", "nnsight_dist", "p2p"]
-        info = check_and_count(s, args.scenarios, variants)
+        info = distributed_checks.check_and_count(s, args.scenarios, variants, RUNNERS)
         if rank0:
             say(f"loaded and checked in {time.perf_counter() - t0:.1f}s: {s.topo} "
                 f"({s.batch['input_ids'].shape[1]} prompt tokens); nnsight_dist was compared with the "
@@ -966,8 +508,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     say(f"  nnsight, {name}: {i['nnsight_check']}")
         reps = args.reps if args.reps is not None else DEFAULT_REPS[s.mode]
         times = measure(s, args.scenarios, variants, reps, args.warmup, rank0 and not args.no_progress)
-        prof = profile(s, args.scenarios, args.profile) if args.profile else ""
-        parts = micro(s) if args.micro else ""
+        prof = distributed_diagnostics.profile(s, nd_run, args.scenarios, args.profile) if args.profile else ""
+        parts = distributed_diagnostics.micro(s, nd_run) if args.micro else ""
         if rank0:
             import transformers
 
@@ -982,7 +524,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                   f"({os.path.dirname(os.path.dirname(nd.__file__))}), nnsight {nn_version}, "
                   f"{os.cpu_count()} CPUs, {time.perf_counter() - t0:.0f}s in all")
             header, body = rows_for(s, times, info, variants)
-            print(render(header, body, args.markdown))
+            print(common.render(header, body, args.markdown))
             if s.mode == "tp":
                 print("\nms: median per run; +ms: median of paired (variant - untraced) ± its standard "
                       "error; tp gathers: all-gathers/all-reduces of fragmented locations summed over ranks "
@@ -1007,8 +549,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             if prof:
                 print(prof)
             if args.json:
-                with open(args.json, "w") as f:
-                    json.dump({"args": vars(args), "variants": variants, "times_s": times, "info": info}, f, indent=1)
+                common.write_json(args.json, {"args": vars(args), "variants": variants, "times_s": times, "info": info})
     except BaseException:
         if tmp is not None and topo.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)

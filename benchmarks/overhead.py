@@ -80,12 +80,9 @@ nnsight is not installed.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -94,16 +91,17 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
-from tqdm import tqdm
 
 import nnsight_dist as nd
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script: find common.py
+import common  # noqa: E402
+from common import GENERATE_TOKENS, PROMPT, SCENARIOS, flat, hooks  # noqa: E402
 
 try:  # optional: the comparison column
     import nnsight
 except ImportError:  # pragma: no cover - depends on the environment
     nnsight = None
-
-PROMPT = "The Eiffel Tower is in the city of"
 
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(arch="llama"),
@@ -111,10 +109,7 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 DEFAULT_REPS = {"tiny": 300, "gpt2-small": 60}
 
-SCENARIOS = ("empty", "one_save", "every_layer", "one_edit", "cache", "generate")
 VARIANTS = ("torch", "nnsight_dist", "nnsight")
-
-GENERATE_TOKENS = 3
 
 
 # ---------------------------------------------------------------------------- models
@@ -176,28 +171,6 @@ def detach(value: Any) -> Any:
         mapped = {k: detach(v) for k, v in value.items()}
         return mapped if type(value) is dict else type(value)(**mapped)
     return value
-
-
-def flat(value: Any) -> list[torch.Tensor]:
-    """Every tensor in a nest (tuples, lists, dicts, model outputs), depth first."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in flat(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in flat(v)]
-    return []
-
-
-@contextlib.contextmanager
-def hooks(pairs: list[tuple[torch.nn.Module, Callable]]):
-    """Forward hooks registered for the duration of one call."""
-    handles = [module.register_forward_hook(fn) for module, fn in pairs]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 # ---------------------------------------------------------------------------- plain torch
@@ -389,29 +362,6 @@ RUNNERS: dict[str, dict[str, Callable[[Setup, bool], Any]]] = {
 # ---------------------------------------------------------------------------- check
 
 
-def same(a: Any, b: Any) -> Optional[str]:
-    """``None`` when ``a`` and ``b`` hold equal tensors, else what differs."""
-    if type(a) is dict and type(b) is dict:  # a cache: path -> output
-        if set(a) != set(b):
-            return f"keys differ: {sorted(set(a) ^ set(b))[:5]}"
-        for key in a:
-            problem = same(a[key], b[key])
-            if problem:
-                return f"{key}: {problem}"
-        return None
-    ta, tb = flat(a), flat(b)
-    if len(ta) != len(tb):
-        return f"{len(ta)} tensors vs {len(tb)}"
-    if not ta and type(a) is not type(b):
-        return f"{type(a).__name__} vs {type(b).__name__}"
-    for x, y in zip(ta, tb):
-        if x.shape != y.shape:
-            return f"shapes {tuple(x.shape)} vs {tuple(y.shape)}"
-        if not torch.equal(x, y) and not torch.allclose(x.float(), y.float(), atol=1e-5, rtol=1e-5):
-            return f"values differ (max |diff| {(x.float() - y.float()).abs().max().item():.3g})"
-    return None
-
-
 def verify(s: Setup, scenarios: list[str], variants: list[str]) -> None:
     """Run every scenario once per variant (with the check read) and compare the values."""
     for name in scenarios:
@@ -419,7 +369,7 @@ def verify(s: Setup, scenarios: list[str], variants: list[str]) -> None:
         if not flat(reference):
             raise SystemExit(f"check of {name} ({s.size}): the torch variant kept nothing")
         for variant in variants[1:]:
-            problem = same(reference, RUNNERS[variant][name](s, True))
+            problem = common.same(reference, RUNNERS[variant][name](s, True))
             if problem:
                 raise SystemExit(f"check of {name} ({s.size}): {variant} differs from torch: {problem}")
 
@@ -428,24 +378,10 @@ def verify(s: Setup, scenarios: list[str], variants: list[str]) -> None:
 
 
 def measure(s: Setup, scenarios: list[str], variants: list[str], reps: int, warmup: int,
-            progress: bool) -> dict[str, dict[str, list[float]]]:
-    """Times in seconds, ``[scenario][variant] -> one per repetition``."""
-    times = {name: {v: [] for v in variants} for name in scenarios}
-    for _ in range(warmup):
-        for name in scenarios:
-            for v in variants:
-                RUNNERS[v][name](s)
-    clock = time.perf_counter
-    bar = tqdm(range(reps), desc=f"{s.size}", unit="rep", disable=not progress, file=sys.stderr)
-    for rep in bar:
-        for name in scenarios:
-            k = rep % len(variants)
-            for v in variants[k:] + variants[:k]:  # rotating order
-                run = RUNNERS[v][name]
-                t0 = clock()
-                run(s)
-                times[name][v].append(clock() - t0)
-    return times
+            progress: bool) -> common.Times:
+    """Times in seconds, ``[scenario][variant] -> one per repetition`` (rotating order)."""
+    return common.measure_rotating(lambda v, name: RUNNERS[v][name](s), scenarios, variants, reps,
+                                   warmup, f"{s.size}", progress)
 
 
 @dataclass
@@ -463,35 +399,21 @@ class Row:
         return self.median_ms[a] / self.median_ms[b]
 
 
-def summarize(size: str, times: dict[str, dict[str, list[float]]]) -> list[Row]:
+def summarize(size: str, times: common.Times) -> list[Row]:
     rows = []
     for name, per in times.items():
         base = per["torch"]
-        med = {v: statistics.median(ts) * 1e3 for v, ts in per.items()}
+        med = {v: common.median_ms(ts) for v, ts in per.items()}
         over, se = {}, {}
         for v, ts in per.items():
-            if v == "torch":
-                continue
-            diffs = [(t - b) * 1e3 for t, b in zip(ts, base)]
-            over[v] = statistics.median(diffs)
-            se[v] = median_se(diffs)
+            if v != "torch":
+                over[v], se[v] = common.paired(ts, base)
         rows.append(Row(name, size, len(base), med, over, se))
     return rows
 
 
-def median_se(values: list[float]) -> float:
-    """Standard error of the median, from the median absolute deviation (robust)."""
-    med = statistics.median(values)
-    mad = statistics.median([abs(v - med) for v in values])
-    return 1.2533 * 1.4826 * mad / max(len(values), 1) ** 0.5
-
-
-def _f(value: Optional[float], fmt: str) -> str:
-    return "n/a" if value is None else format(value, fmt)
-
-
 def _pm(over: dict[str, float], se: dict[str, float], v: str) -> str:
-    return "n/a" if v not in over else f"{over[v]:+.2f}±{se[v]:.2f}"
+    return "n/a" if v not in over else common.pm(over[v], se[v])
 
 
 HEADER = ("scenario", "size", "torch ms", "nd ms", "nnsight ms", "nd +ms", "nnsight +ms",
@@ -499,47 +421,29 @@ HEADER = ("scenario", "size", "torch ms", "nd ms", "nnsight ms", "nd +ms", "nnsi
 
 
 def cells(row: Row) -> list[str]:
-    m, o = row.median_ms, row.overhead_ms
-    return [row.scenario, row.size, _f(m.get("torch"), ".2f"), _f(m.get("nnsight_dist"), ".2f"),
-            _f(m.get("nnsight"), ".2f"), _pm(o, row.overhead_se_ms, "nnsight_dist"),
-            _pm(o, row.overhead_se_ms, "nnsight"), _f(row.ratio("nnsight_dist", "torch"), ".2f"),
-            _f(row.ratio("nnsight", "torch"), ".2f"), _f(row.ratio("nnsight_dist", "nnsight"), ".2f")]
+    m, o, f = row.median_ms, row.overhead_ms, common.fmt
+    return [row.scenario, row.size, f(m.get("torch")), f(m.get("nnsight_dist")),
+            f(m.get("nnsight")), _pm(o, row.overhead_se_ms, "nnsight_dist"),
+            _pm(o, row.overhead_se_ms, "nnsight"), f(row.ratio("nnsight_dist", "torch")),
+            f(row.ratio("nnsight", "torch")), f(row.ratio("nnsight_dist", "nnsight"))]
 
 
 def table(rows: list[Row], markdown: bool) -> str:
-    body = [cells(r) for r in rows]
-    if markdown:
-        lines = ["| " + " | ".join(HEADER) + " |",
-                 "|" + "|".join(["---"] * 2 + ["---:"] * (len(HEADER) - 2)) + "|"]
-        lines += ["| " + " | ".join(c) + " |" for c in body]
-        return "\n".join(lines)
-    widths = [max(len(h), *(len(c[i]) for c in body)) for i, h in enumerate(HEADER)]
-    fmt = lambda cs: "  ".join(c.ljust(w) if i < 2 else c.rjust(w)  # noqa: E731
-                               for i, (c, w) in enumerate(zip(cs, widths)))
-    return "\n".join([fmt(HEADER), fmt(["-" * w for w in widths])] + [fmt(c) for c in body])
+    return common.render(HEADER, [cells(r) for r in rows], markdown, left=2)
 
 
 # ---------------------------------------------------------------------------- main
 
 
-def _list(value: str, valid: tuple[str, ...], what: str) -> list[str]:
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [v for v in items if v not in valid]
-    if bad or not items:
-        raise argparse.ArgumentTypeError(f"unknown {what} {bad}; choose from {', '.join(valid)}")
-    return items
-
-
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser(__doc__)
     parser.add_argument("--reps", type=int, default=None,
                         help="timed repetitions per size (default: " +
                              ", ".join(f"{k} {v}" for k, v in DEFAULT_REPS.items()) + ")")
     parser.add_argument("--warmup", type=int, default=3, help="untimed repetitions first (default 3)")
-    parser.add_argument("--sizes", type=lambda v: _list(v, tuple(SIZES), "size"),
+    parser.add_argument("--sizes", type=common.choices(tuple(SIZES), "size"),
                         default=list(SIZES), help="comma-separated: " + ", ".join(SIZES))
-    parser.add_argument("--scenarios", type=lambda v: _list(v, SCENARIOS, "scenario"),
+    parser.add_argument("--scenarios", type=common.choices(SCENARIOS, "scenario"),
                         default=list(SCENARIOS), help="comma-separated: " + ", ".join(SCENARIOS))
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--model-dir", default=None,
@@ -591,9 +495,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print("\nms: median time per trace; +ms: median over repetitions of (variant - torch) in the "
           "same repetition, ± its standard error; ratios: of the medians.")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"versions": versions, "args": vars(args),
-                       "rows": [r.__dict__ for r in rows], "times_s": raw}, f, indent=1)
+        common.write_json(args.json, {"versions": versions, "args": vars(args),
+                                      "rows": [r.__dict__ for r in rows], "times_s": raw})
     return 0
 
 
