@@ -94,7 +94,8 @@ model there and reuse it; default a temporary directory), ``--markdown``, ``--js
 (raw times, traffic), ``--no-nnsight``, ``--no-nnsight-shim``, ``--profile N`` (after
 timing, cProfile N more nnsight_dist traces of each scenario on rank 0 and print where
 the time goes), ``--micro`` (after timing, measure the pieces: the end-of-trace
-exchanges, one tp gather, router messages against plain send/recv; see ``micro``),
+exchanges, one tp gather, router messages against plain send/recv; see
+``distributed_diagnostics.micro``),
 ``--no-progress``. World size must equal ``tp * pp`` (one replica).
 """
 

@@ -145,6 +145,9 @@ def gather_minimum(s: Any, name: str, reads: list[tuple[str, Any]]) -> int:
 
 
 
+# ---------------------------------------------------------------------------- checks and traffic
+
+
 @contextlib.contextmanager
 def count_gathers():
     """Count the tensor-parallel gathers of fragmented locations (and their bytes) meanwhile."""

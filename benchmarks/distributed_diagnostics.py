@@ -14,7 +14,6 @@ from typing import Any, Callable
 
 import torch
 
-from nnsight_dist.distributed import placement as nd_placement
 
 from common import median_ms as med
 
@@ -25,8 +24,9 @@ def micro(s: Any, trace: Callable[[Any, str], Any], n: int = 100) -> str:
     - the two end-of-trace exchanges of an empty trace (``ReplicaSeam.drain``: the replica
       all-gathers how many router messages each rank sent; ``ReplicaSeam.close``: the
       digest barrier), against a bare blocking all-gather of ``int64[3]``;
-    - tp: one gather of a fragmented value inside a ``cache`` trace (``TensorCodec._gather``)
-      against a bare blocking all-gather of the same fragment;
+    - tp: the end-of-run gather of a ``cache`` trace's fragments
+      (``ReplicaSeam._assemble_fragments``, one collective per dtype) against a bare
+      blocking all-gather of one fragment;
     - pp: 56 values of one hidden state's size (what ``cache`` sends) from the last stage
       to stage 0 through the router, against plain blocking send/recv of the same
       tensors and against one send of all of them in one buffer.
@@ -48,7 +48,7 @@ def micro(s: Any, trace: Callable[[Any, str], Any], n: int = 100) -> str:
         return run
 
     cls = replica.ReplicaSeam
-    saved = cls.drain, cls.close, nd_placement.TensorCodec._gather
+    saved = cls.drain, cls.close, cls._assemble_fragments
     cls.drain, cls.close = timed("drain", cls.drain), timed("close", cls.close)
     try:
         for _ in range(n):
@@ -67,12 +67,12 @@ def micro(s: Any, trace: Callable[[Any, str], Any], n: int = 100) -> str:
                  f"a bare blocking all_gather of int64[3] on the replica: {med(bare):.3f} ms")
     hidden = s.nd_model.config.hidden_size
     if topo.tp > 1:
-        nd_placement.TensorCodec._gather = timed("gather", saved[2])
+        cls._assemble_fragments = timed("gather", saved[2])
         try:
             for _ in range(max(n // 4, 5)):
                 trace(s, "cache")
         finally:
-            nd_placement.TensorCodec._gather = saved[2]
+            cls._assemble_fragments = saved[2]
         piece = torch.randn(1, s.batch["input_ids"].shape[1], hidden // topo.tp)
         parts = [torch.empty_like(piece) for _ in range(topo.tp)]
         bare = []
@@ -80,7 +80,7 @@ def micro(s: Any, trace: Callable[[Any, str], Any], n: int = 100) -> str:
             t0 = time.perf_counter()
             dist.all_gather(parts, piece, group=topo.group("tp"))
             bare.append(time.perf_counter() - t0)
-        lines.append(f"tp gather inside a cache trace: {med(spent['gather']):.3f} ms each (median of "
+        lines.append(f"tp gather of a cache trace's fragments: {med(spent['gather']):.3f} ms each (median of "
                      f"{len(spent['gather'])}); a bare blocking all_gather of {tuple(piece.shape)}: {med(bare):.3f} ms")
     if topo.pp > 1:
         router = s.nd_model.interleaver.seam.router  # internal: driven directly, between traces
@@ -92,11 +92,11 @@ def micro(s: Any, trace: Callable[[Any, str], Any], n: int = 100) -> str:
             router.next_trace()
             if me == src:
                 for i in range(count):
-                    router.send(dst, ("o", 0, i), value)
+                    router.send(dst, ("micro", i), value)
                 router.complete_sends()
             elif me == dst:
                 for i in range(count):
-                    router.wait(("o", 0, i), "a value", src)
+                    router.wait(("micro", i), "a value", src)
             dist.barrier(group=s.p2p_group)
 
         def plain() -> None:

@@ -6,7 +6,6 @@ The reference is ``generate`` on the separately loaded model, with a forward hoo
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 import nnsight_dist as nd

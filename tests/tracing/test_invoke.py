@@ -6,7 +6,6 @@ left-padded with eos by the tokenizer itself, in invoke order.
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from conftest import LONG, SAME_LEN, SHORT, close, equal, recorder

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import nnsight_dist as nd
-from conftest import LONG, SAME_LEN, close, equal, hooked, pre_recorder, recorder
+from conftest import LONG, SAME_LEN, close, equal, pre_recorder, recorder
 
 PROMPT = SAME_LEN[0]
 
