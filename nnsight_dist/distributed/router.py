@@ -255,7 +255,10 @@ class Router:
     def _receive(self, stream: _Incoming) -> None:
         trace, size, length = (int(x) for x in stream.header.tolist())
         body = torch.empty(length, dtype=torch.uint8)
-        dist.recv(body, src=stream.peer, group=self.group)  # sent right after its header
+        # Sent right after its header; still, no wait here is unbounded (this group's own
+        # timeout is effectively infinite, so the router's timeout guards it).
+        received = stream.waiter.watch([dist.irecv(body, src=stream.peer, group=self.group)])
+        self.failures.wait(received.done, "the body of a message", stream.peer)
         stream.repost()
         meta = json.loads(body[:size].numpy().tobytes().decode())
         tensors, offset = [], size

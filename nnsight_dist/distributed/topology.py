@@ -136,11 +136,6 @@ class Topology:
         """Global ranks of this replica, stage by stage."""
         return [self.rank_of(s, t) for s in range(self.pp) for t in range(self.tp)]
 
-    def stage_ranks(self, pp_rank: Optional[int] = None) -> list[int]:
-        """Global ranks of one stage of this replica (its tensor-parallel group)."""
-        s = self.pp_rank if pp_rank is None else pp_rank
-        return [self.rank_of(s, t) for t in range(self.tp)]
-
     def group(self, name: str):
         """The process group ``"tp"`` (this stage), ``"replica"`` (pp × tp), ``"router"`` (the
         replica's ranks, for point-to-point streams only) or ``"world"``."""
