@@ -2,7 +2,8 @@
 # Launch a script on N ranks of this machine with mpirun (Open MPI or MPICH):
 #   launch/mpirun.sh 4 examples/quickstart.py --tp 2 --pp 2
 # nnsight_dist reads its rank from the MPI launcher's variables and meets on
-# MASTER_ADDR:MASTER_PORT (default 127.0.0.1 and a free port). Uses the checkout's .venv.
+# MASTER_ADDR:MASTER_PORT (default 127.0.0.1 and a free port). Uses the checkout's .venv
+# (.venv-latest with NNSIGHT_DIST_LATEST=1).
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 export MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
