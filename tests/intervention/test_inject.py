@@ -8,8 +8,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import functools
+import importlib.util
 import inspect
+import json
 import linecache
+import subprocess
 import sys
 import traceback
 from types import MethodType
@@ -352,35 +355,15 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
         return model(_ids()).logits
 
 
-LLAMA_ATTENTION_OPS = [
-    "self_q_proj_0", "view_0", "transpose_0",
-    "self_k_proj_0", "view_1", "transpose_1",
-    "self_v_proj_0", "view_2", "transpose_2",
-    "apply_rotary_pos_emb_0", "past_key_values_update_0",
-    "ALL_ATTENTION_FUNCTIONS_get_interface_0", "attention_interface_0",
-    "attn_output_reshape_0", "contiguous_0", "self_o_proj_0",
-]
-GPT2_ATTENTION_OPS = [
-    "isinstance_0", "past_key_values_is_updated_get_0", "hasattr_0", "ValueError_0",
-    "self_q_attn_0", "self_c_attn_0", "split_0", "key_states_view_0", "transpose_0",
-    "value_states_view_0", "transpose_1", "self_c_attn_1", "split_1", "key_states_view_1",
-    "transpose_2", "value_states_view_1", "transpose_3", "query_states_view_0", "transpose_4",
-    "curr_past_key_values_update_0", "ALL_ATTENTION_FUNCTIONS_get_interface_0",
-    "self__upcast_and_reordered_attn_0", "attention_interface_0", "attn_output_reshape_0",
-    "contiguous_0", "self_c_proj_0", "self_resid_dropout_0",
-]
-
+#: (arch, class): forwards whose operations are checked on the installed transformers.
 CASES = [
-    ("llama", "LlamaAttention", LLAMA_ATTENTION_OPS),
-    ("llama", "LlamaMLP", ["self_gate_proj_0", "self_act_fn_0", "self_up_proj_0", "self_down_proj_0"]),
-    ("llama", "LlamaDecoderLayer",
-     ["self_input_layernorm_0", "self_self_attn_0", "self_post_attention_layernorm_0", "self_mlp_0"]),
-    ("gpt2", "GPT2Attention", GPT2_ATTENTION_OPS),
-    ("gpt2", "GPT2MLP", ["self_c_fc_0", "self_act_0", "self_c_proj_0", "self_dropout_0"]),
-    ("gpt2", "GPT2Block",
-     ["self_ln_1_0", "self_attn_0", "hasattr_0", "ValueError_0", "self_ln_cross_attn_0",
-      "self_crossattention_0", "self_ln_2_0", "self_mlp_0"]),
-    ("qwen2", "Qwen2Attention", LLAMA_ATTENTION_OPS),
+    ("llama", "LlamaAttention"),
+    ("llama", "LlamaMLP"),
+    ("llama", "LlamaDecoderLayer"),
+    ("gpt2", "GPT2Attention"),
+    ("gpt2", "GPT2MLP"),
+    ("gpt2", "GPT2Block"),
+    ("qwen2", "Qwen2Attention"),
 ]
 
 
@@ -390,15 +373,65 @@ def _instances(model: torch.nn.Module, cls_name: str) -> list[tuple[str, torch.n
     return found
 
 
-@pytest.mark.parametrize("arch,cls_name,expected", CASES, ids=[c[1] for c in CASES])
-def test_injected_forward_is_bit_identical(arch: str, cls_name: str, expected: list[str]) -> None:
+# The reference names are nnsight 0.8.1's for the same installed forward, not a list written
+# here: what a transformers forward calls changes between releases (5.24 renamed
+# `past_key_values.update(...)` to `cache.update(...)`). nnsight numbers calls and assignments
+# on one counter per name (`h = f(x)` is `f_0` then `h_0`); nd names calls only, so nnsight's
+# own instrumenter (source parsing, decorator peeling, naming, order) runs with its assignment
+# binding turned off. In a subprocess: importing nnsight mounts its `.save()` on every object,
+# which would change what the rest of this session tests.
+_REFERENCE_CALL_NAMES = r"""
+import importlib, json, sys
+source = importlib.import_module("nnsight.intervention.source")
+
+class CallsOnly(source.Instrument):
+    def bound(self, target, value, node):
+        return value
+
+source.Instrument = CallsOnly
+names = {}
+for qualname in sys.argv[1:]:
+    module, _, cls = qualname.rpartition(".")
+    forward = getattr(importlib.import_module(module), cls).forward
+    names[qualname] = list(source.compile_source(source.decorator_chain(forward)[0]).names)
+print(json.dumps(names))
+"""
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@pytest.fixture(scope="module")
+def reference_names() -> dict[str, list[str]]:
+    """Qualified class name -> nnsight 0.8.1's operation names of its forward's calls."""
+    if importlib.util.find_spec("nnsight") is None:
+        pytest.skip("nnsight is not installed")
+    models = {arch: _build(arch) for arch in {arch for arch, _ in CASES}}
+    classes = {_qualname(type(_instances(models[arch], cls_name)[0][1])) for arch, cls_name in CASES}
+    run = subprocess.run([sys.executable, "-c", _REFERENCE_CALL_NAMES, *sorted(classes)],
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("arch,cls_name", CASES, ids=[c[1] for c in CASES])
+def test_operation_names_match_the_reference(arch: str, cls_name: str, reference_names: dict[str, list[str]]) -> None:
+    _, module = _instances(_build(arch), cls_name)[0]
+    expected = reference_names[_qualname(type(module))]
+    assert expected  # the reference found the forward's calls
+    _, lines, _ = inject(module.forward, cls_name)
+    assert list(lines) == expected
+
+
+@pytest.mark.parametrize("arch,cls_name", CASES, ids=[c[1] for c in CASES])
+def test_injected_forward_is_bit_identical(arch: str, cls_name: str) -> None:
     model = _build(arch)
     reference = _logits(model)
     logs: dict[str, list[str]] = {}
     for path, module in _instances(model, cls_name):
         logs[path] = []
         source, lines, fn = inject(module.forward, path, _recorder(logs[path]))
-        assert list(lines) == expected
         assert source.startswith("def forward(")
         assert inspect.signature(fn) == inspect.signature(inspect.unwrap(type(module).forward))
         module.forward = MethodType(fn, module)
@@ -421,21 +454,20 @@ def test_default_call_keeps_decorated_forwards_identical(arch: str) -> None:
         _, _, fn = inject(module.forward, type(module).__name__, call_through)
         module.forward = MethodType(fn, module)
     assert torch.equal(_logits(model), reference)
-    prefix = {"llama": "Llama", "gpt2": "GPT2"}[arch]
-    top = "LlamaForCausalLM" if arch == "llama" else "GPT2LMHeadModel"
-    layer = "LlamaDecoderLayer" if arch == "llama" else "GPT2Block"
-    # @can_return_tuple, @merge_with_config_defaults + @capture_outputs, the checkpointing wrapper
-    assert {top, f"{prefix}Model", layer} <= wrapped
+    # Which forwards the installed transformers decorates changes between releases (5.23:
+    # @can_return_tuple, @merge_with_config_defaults + @capture_outputs, the checkpointing
+    # wrapper); some must be, or dropping decorators was not exercised.
+    assert wrapped
 
 
-@pytest.mark.parametrize("arch,cls_name,op,child", [
-    ("llama", "LlamaAttention", "self_o_proj_0", "o_proj"),
-    ("llama", "LlamaAttention", "self_q_proj_0", "q_proj"),
-    ("llama", "LlamaMLP", "self_down_proj_0", "down_proj"),
-    ("gpt2", "GPT2Attention", "self_c_proj_0", "c_proj"),
-    ("qwen2", "Qwen2Attention", "self_o_proj_0", "o_proj"),
+@pytest.mark.parametrize("arch,cls_name,child", [
+    ("llama", "LlamaAttention", "o_proj"),
+    ("llama", "LlamaAttention", "q_proj"),
+    ("llama", "LlamaMLP", "down_proj"),
+    ("gpt2", "GPT2Attention", "c_proj"),
+    ("qwen2", "Qwen2Attention", "o_proj"),
 ])
-def test_modifying_an_operation_matches_a_forward_hook(arch: str, cls_name: str, op: str, child: str) -> None:
+def test_modifying_an_operation_matches_a_forward_hook(arch: str, cls_name: str, child: str) -> None:
     hooked = _build(arch)
     reference = _logits(hooked)
     path, module = _instances(hooked, cls_name)[0]
@@ -446,7 +478,9 @@ def test_modifying_an_operation_matches_a_forward_hook(arch: str, cls_name: str,
 
     injected = _build(arch)
     path, module = _instances(injected, cls_name)[0]
-    _, _, fn = inject(module.forward, path, _recorder([], lambda name, out: out * 0 if name == op else out))
+    op = f"self_{child}_0"  # the forward's first call of the child, `self.<child>(...)`
+    _, lines, fn = inject(module.forward, path, _recorder([], lambda name, out: out * 0 if name == op else out))
+    assert op in lines
     module.forward = MethodType(fn, module)
     assert torch.equal(_logits(injected), expected)
 
@@ -454,9 +488,15 @@ def test_modifying_an_operation_matches_a_forward_hook(arch: str, cls_name: str,
 def test_eager_attention_is_bit_identical() -> None:
     model = _build("llama", attn="eager")
     reference = _logits(model)
-    names: list[str] = []
+    callees: list[Callable] = []
+
+    def call(name, f, args, kwargs):
+        callees.append(f)
+        return f(*args, **kwargs)
+
     for path, module in _instances(model, "LlamaAttention"):
-        _, lines, fn = inject(module.forward, path, _recorder(names))
+        _, _, fn = inject(module.forward, path, call)
         module.forward = MethodType(fn, module)
     assert torch.equal(_logits(model), reference)
-    assert "attention_interface_0" in names
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    assert callees.count(eager) == 2  # the attention itself ran as an operation, once per layer
