@@ -311,6 +311,7 @@ class ScanningTracer(InterleavingTracer):
 
     def _go(self, args: tuple, kwargs: dict) -> None:
         il = self.interleaver
+        il.batcher.strict = False  # fake values: a write may change shapes (nnsight allows it)
         for envoy in self.model.modules():
             envoy._fakes.clear()
             il.observe(f"{envoy.path}.output", _recorder(envoy, "output"))
