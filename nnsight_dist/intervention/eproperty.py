@@ -8,8 +8,10 @@ hooks adapt the value:
 - ``preprocess(obj, value)`` runs on the raw value before the user sees it;
 - ``postprocess(obj, value)`` runs on a user's assignment before it is swapped in;
 - ``transform(value)`` closes the loop for a preprocessed copy: the preprocessed value is
-  bound into it, and when the mediator next parks, its return value is swapped back into
-  the model, so in-place edits on a reshaped or cloned view take effect.
+  bound into it, and when the body next asks the model for anything (or parks), its
+  return value is swapped back into the model, so in-place edits on a reshaped or cloned
+  view take effect. Until then, reading the same eproperty again gives the same view
+  (``x.heads[:, 5] += f(x.heads)`` edits one tensor), as in nnsight.
 
 The stub's body never runs for its value; it runs on every access (before the request)
 so decorators stacked under ``@eproperty()`` can prepare what the access needs. Outside a
@@ -89,6 +91,9 @@ class eproperty:
             self._stub(obj)
         interleaver = obj.interleaver
         location = self.location(obj)
+        pending = _pending(interleaver)
+        if pending is not None and pending.key == (self, obj, location, interleaver.current.iteration):
+            return pending.view
         if interleaver is None or not interleaver.active:
             fake = getattr(obj, "_fakes", {}).get(self.key, _MISSING)
             if fake is not _MISSING:
@@ -101,15 +106,18 @@ class eproperty:
                 )
         else:
             value = interleaver.request(location)
-        if self._preprocess is not None:
-            raw, value = value, self._preprocess(obj, value)
-            if self._transform is not None and interleaver is not None and interleaver.active:
-                if self._transform_raw:
-                    transform = functools.partial(self._transform, obj, value, raw)
-                else:
-                    transform = functools.partial(self._transform, value)
-                interleaver.set_transform(location, transform)
-        return saveable(value)
+        if self._preprocess is None:
+            return saveable(value)
+        raw, value = value, self._preprocess(obj, value)
+        shown = saveable(value)
+        if self._transform is not None and interleaver is not None and interleaver.active:
+            if self._transform_raw:
+                transform = functools.partial(self._transform, obj, value, raw)
+            else:
+                transform = functools.partial(self._transform, value)
+            key = (self, obj, location, interleaver.current.iteration)
+            interleaver.set_transform(location, WriteBack(transform, shown, key))
+        return shown
 
     def __set__(self, obj: Any, value: Any) -> None:
         interleaver = obj.interleaver
@@ -123,6 +131,26 @@ class eproperty:
 
 
 _MISSING = object()
+
+
+class WriteBack:
+    """A pending transform: ``fn()`` is swapped in; ``view`` is what the body holds, handed
+    out again by a repeated read matching ``key`` (eproperty, host, location, iteration)."""
+
+    __slots__ = ("fn", "view", "key")
+
+    def __init__(self, fn: Callable[[], Any], view: Any, key: tuple) -> None:
+        self.fn, self.view, self.key = fn, view, key
+
+    def __call__(self) -> Any:
+        return self.fn()
+
+
+def _pending(interleaver: Any) -> Optional[WriteBack]:
+    """The current mediator's pending write-back, if any."""
+    med = getattr(interleaver, "current", None) if interleaver is not None and interleaver.active else None
+    transform = med.transform[1] if med is not None and med.transform is not None else None
+    return transform if isinstance(transform, WriteBack) else None
 
 
 def _positional(fn: Callable) -> int:

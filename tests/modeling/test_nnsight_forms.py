@@ -169,16 +169,19 @@ def envoy_eproperties(model, layer, save):
         doubled = save(layer(model).self_attn.o_proj.doubled)
         plain = save(layer(model).self_attn.o_proj.output)
         model.model.layers[1].self_attn.o_proj.heads[:, 2, -1] = 0
+        proj = save(model.model.layers[1].self_attn.o_proj.output.clone())  # sees the edit
         attn = save(model.model.layers[1].self_attn.output[0])
+        o_proj = model.model.layers[2].self_attn.o_proj
+        o_proj.heads[:, 1, -1] += o_proj.heads[:, 3, -1]  # two reads, one view
         logits = save(model.lm_head.output)
-    return doubled, plain, attn, logits
+    return doubled, plain, proj, attn, logits
 
 
 def test_envoys_custom_eproperties_in_a_trace(llama_path, tok, pair):
     results = []
     for library in ("nnsight", "nd"):
         Doubled, Heads = _classes(library)
-        envoys = {"layers.0.self_attn.o_proj": Doubled, "layers.1.self_attn.o_proj": Heads}
+        envoys = {"layers.0.self_attn.o_proj": Doubled, "layers.*.self_attn.o_proj": Heads}
         if library == "nnsight":
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -190,11 +193,12 @@ def test_envoys_custom_eproperties_in_a_trace(llama_path, tok, pair):
         assert type(model.model.layers[0].self_attn.o_proj) is Doubled
         assert type(model.model.layers[1].self_attn.o_proj) is Heads
         results.append(envoy_eproperties(model, lambda m: m.model.layers[0], save))
-    (t_doubled, t_plain, t_attn, t_logits), (o_doubled, o_plain, o_attn, o_logits) = results
+    (t_doubled, t_plain, t_proj, t_attn, t_logits), (o_doubled, o_plain, o_proj, o_attn, o_logits) = results
     equal(o_doubled, t_doubled)
     equal(o_doubled, o_plain * 2)
+    equal(o_proj, t_proj)
     equal(o_attn, t_attn)
-    assert o_attn.view(1, -1, 4, 32)[:, -1, 2].abs().sum() == 0
+    assert o_proj.view(1, -1, 4, 32)[:, -1, 2].abs().sum() == 0
     equal(o_logits, t_logits)
 
 
