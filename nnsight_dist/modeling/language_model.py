@@ -57,9 +57,13 @@ class TransformersModel(NNsight):
         rename: Optional[Rename] = None,
         envoys: Optional[EnvoyClasses] = None,
         dispatch: bool = False,
+        peft: Optional[str] = None,
         **load_kwargs: Any,
     ) -> None:
         import transformers
+
+        if peft is not None:
+            raise NotImplementedError("PEFT adapters (nnsight's peft=) are not supported: merge the adapter first")
 
         add_save_method(transformers.utils.ModelOutput)
         from ..distributed import topology

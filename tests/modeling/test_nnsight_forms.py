@@ -245,9 +245,11 @@ def test_language_model_dispatch(llama_path, tok, pair, dispatch):
     assert theirs.dispatched
 
 
-def test_tokenizer_kwargs(llama_path):
+def test_tokenizer_kwargs_and_refused_peft(llama_path):
     model = nd.LanguageModel(llama_path, tokenizer_kwargs={"padding_side": "right"})
     assert model.tokenizer.padding_side == "right"
+    with pytest.raises(NotImplementedError, match="peft"):
+        nd.LanguageModel(llama_path, peft="some/adapter")
 
 
 # ---------------------------------------------------------------------------- 5. TransformersModel
