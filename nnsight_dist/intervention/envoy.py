@@ -88,7 +88,8 @@ class Envoy(Interventions):
         self.__dict__["_source"] = None
         self.__dict__["_rename"] = rename
         self.__dict__["_aliases"] = {}
-        self.__dict__["_envoys"] = _checked_envoys(envoys)
+        if root:
+            _check_envoys(envoys)
         self._point = self.interleaver.wrap_module(module, path, root=root)
         for name, child in module.named_children():
             child_path = f"{path}.{name}"
@@ -231,9 +232,9 @@ class Envoy(Interventions):
         return f"{module._get_name()}({body})"
 
 
-def _checked_envoys(envoys: Any) -> Optional[EnvoyClasses]:
+def _check_envoys(envoys: Any) -> None:
     if envoys is None or isinstance(envoys, dict) or (isinstance(envoys, type) and issubclass(envoys, Envoy)):
-        return envoys
+        return
     raise TypeError(
         f"envoys= takes an Envoy subclass or a dict from module type (or path suffix) to an "
         f"Envoy subclass, not {type(envoys).__name__}"
