@@ -21,7 +21,8 @@ from .intervention.errors import (
     UnshardableModel,
     WriteShapeError,
 )
-from .modeling.language_model import LanguageModel
+from .modeling.language_model import LanguageModel, TransformersModel
+from .config import CONFIG
 from .modeling.nnsight import NNsight
 from .intervention.save import save
 
@@ -47,6 +48,8 @@ __all__ = [
     "TracingSourceError",
     "UnshardableModel",
     "WriteShapeError",
+    "CONFIG",
+    "TransformersModel",
     "eproperty",
     "save",
     "testing",

@@ -50,11 +50,13 @@ class Batcher:
     """Cuts values by batch group and merges replacements back.
 
     ``total`` is the batch size of the traced forward (``None`` when unknown: then every
-    group sees the whole value).
+    group sees the whole value). With ``strict`` off (a scan), a replacement of the whole
+    batch may change the value's shape, as in nnsight; the model then propagates it.
     """
 
-    def __init__(self, total: Optional[int] = None) -> None:
+    def __init__(self, total: Optional[int] = None, strict: bool = True) -> None:
         self.total = total
+        self.strict = strict
 
     def whole(self, group: Group) -> bool:
         """True when ``group`` covers every row (no cutting needed)."""
@@ -78,8 +80,10 @@ class Batcher:
         """``current`` with ``group``'s rows replaced by ``new``.
 
         Raises :class:`WriteShapeError` when a tensor of ``new`` does not have the shape
-        of the value it replaces.
+        of the value it replaces (unless not ``strict`` and ``group`` is the whole batch).
         """
+        if self.whole(group) and not self.strict:
+            return new
         old = self.narrow(current, group)
         _check_shapes(old, new, location)
         if self.whole(group):

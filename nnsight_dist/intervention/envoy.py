@@ -23,6 +23,9 @@ from .errors import ModulePathError
 from .interleaver import Interleaver
 
 Rename = dict[str, Union[str, list[str]]]
+#: ``envoys=``: one Envoy subclass for every module, or a map from a module type (matched
+#: along the module's MRO) or a path suffix (``"self_attn"``, ``"layers.*"``) to one.
+EnvoyClasses = Union[type, dict]
 
 
 def _whole(value: Any) -> Any:
@@ -73,6 +76,7 @@ class Envoy(Interventions):
         interleaver: Optional[Interleaver] = None,
         path: str = "model",
         rename: Optional[Rename] = None,
+        envoys: Optional[EnvoyClasses] = None,
     ) -> None:
         root = interleaver is None
         self.__dict__["path"] = path
@@ -84,9 +88,13 @@ class Envoy(Interventions):
         self.__dict__["_source"] = None
         self.__dict__["_rename"] = rename
         self.__dict__["_aliases"] = {}
+        if root:
+            _check_envoys(envoys)
         self._point = self.interleaver.wrap_module(module, path, root=root)
         for name, child in module.named_children():
-            envoy = Envoy(child, self.interleaver, f"{path}.{name}", rename)
+            child_path = f"{path}.{name}"
+            cls = envoy_class(envoys, rename, child, child_path)
+            envoy = cls(child, interleaver=self.interleaver, path=child_path, rename=rename, envoys=envoys)
             self._children.append(envoy)
             self._named[name] = envoy
         if rename:
@@ -97,6 +105,33 @@ class Envoy(Interventions):
         if self.interleaver.active:
             return self.interleaver.call(self._point, args, kwargs)
         return self._module(*args, **kwargs)
+
+    # ------------------------------------------------------------------ devices (as nnsight)
+
+    def to(self, *args: Any, **kwargs: Any) -> "Envoy":
+        """Move the module (``torch.nn.Module.to``, in place) and return this envoy."""
+        self._module.to(*args, **kwargs)
+        return self
+
+    def cpu(self, *args: Any, **kwargs: Any) -> "Envoy":
+        """Move the module to the CPU (in place) and return this envoy."""
+        self._module.cpu(*args, **kwargs)
+        return self
+
+    def cuda(self, *args: Any, **kwargs: Any) -> "Envoy":
+        """Move the module to the GPU (in place) and return this envoy."""
+        self._module.cuda(*args, **kwargs)
+        return self
+
+    @property
+    def device(self) -> Optional[torch.device]:
+        """The device of the module's first parameter (``None`` without parameters)."""
+        return next((p.device for p in self._module.parameters()), None)
+
+    @property
+    def devices(self) -> set:
+        """Every device the module's parameters live on."""
+        return {p.device for p in self._module.parameters()}
 
     @property
     def source(self):
@@ -195,3 +230,53 @@ class Envoy(Interventions):
                 lines.append(_addindent(f"({label}): {child!r}", 2))
         body = "\n  " + "\n  ".join(lines) + "\n" if lines else ""
         return f"{module._get_name()}({body})"
+
+
+def _check_envoys(envoys: Any) -> None:
+    if envoys is None or isinstance(envoys, dict) or (isinstance(envoys, type) and issubclass(envoys, Envoy)):
+        return
+    raise TypeError(
+        f"envoys= takes an Envoy subclass or a dict from module type (or path suffix) to an "
+        f"Envoy subclass, not {type(envoys).__name__}"
+    )
+
+
+def envoy_class(envoys: Optional[EnvoyClasses], rename: Optional[Rename], module: torch.nn.Module, path: str) -> type:
+    """The Envoy class for ``module`` at ``path`` under ``envoys=`` (nnsight 0.8.1's rules).
+
+    A class applies to every module. A dict is tried in this order: a module-type key on
+    ``type(module).__mro__`` (the most derived type first); then a path-suffix key, matched
+    component-wise (``*`` matches one component) against the path and against each of its
+    spellings under the ``rename`` aliases. Nothing matching gives :class:`Envoy`.
+    """
+    if envoys is None or isinstance(envoys, type):
+        return envoys or Envoy
+    for cls in type(module).__mro__:
+        if cls in envoys:
+            return envoys[cls]
+    for spelling in _spellings(rename or {}, path):
+        for key, cls in envoys.items():
+            if isinstance(key, str) and _ends_with(spelling, key):
+                return cls
+    return Envoy
+
+
+def _ends_with(path: str, key: str) -> bool:
+    parts, keys = path.split("."), key.strip(".").split(".")
+    return len(keys) <= len(parts) and all(k in ("*", p) for p, k in zip(parts[-len(keys):], keys))
+
+
+def _spellings(rename: Rename, path: str) -> list[str]:
+    """``path`` and every spelling of it under the aliases (a key's components replaced by an alias)."""
+    parts = path.split(".")
+    if len(parts) == 1:
+        return [path]
+    found = [f"{prefix}.{parts[-1]}" for prefix in _spellings(rename, ".".join(parts[:-1]))]
+    for key, aliases in rename.items():
+        size = key.strip(".").count(".") + 1
+        if size >= len(parts) or not _ends_with(path, key):
+            continue
+        host = ".".join(parts[: len(parts) - size])
+        for alias in [aliases] if isinstance(aliases, str) else aliases:
+            found += [f"{prefix}.{alias.strip('.')}" for prefix in _spellings(rename, host)]
+    return found

@@ -291,11 +291,7 @@ class Interleaver:
                 med.greenlet.throw(throw)
         finally:
             self.current = outer
-        if med.transform is not None:
-            location, transform = med.transform
-            med.transform = None
-            if location == self.location:
-                self.value = self.batcher.swap(self.value, transform(), med.group, location)
+        self.flush(med)
         if self.barriers:
             self._release_barriers()
 
@@ -350,6 +346,7 @@ class Interleaver:
     def request(self, location: str) -> Any:
         """The value at ``location`` for the current mediator (parks until it is reached)."""
         med = self._mediator(f"reading {location}")
+        self.flush(med)
         seq = med.seq
         med.seq += 1
         if location in self.seam.remote:
@@ -382,6 +379,7 @@ class Interleaver:
     def swap(self, location: str, value: Any) -> None:
         """Replace the value at ``location`` (for the current mediator's rows)."""
         med = self._mediator(f"writing {location}")
+        self.flush(med)
         if location in self.seam.remote:
             return  # the owner stage applies writes; every other stage drops them
         site, it, now = self._check(med, location)
@@ -394,6 +392,7 @@ class Interleaver:
         """Do not run the call point at ``path``; use ``value`` as its output."""
         location = path + ".input"
         med = self._mediator(f"skipping {path}")
+        self.flush(med)
         if location in self.seam.remote:
             return
         site, it, now = self._check(med, location)
@@ -403,8 +402,17 @@ class Interleaver:
         self._park(med, Wait(location, it, "skip", value))
 
     def set_transform(self, location: str, transform: Callable[[], Any]) -> None:
-        """Swap ``transform()`` into ``location`` once the current mediator next parks."""
+        """Swap ``transform()`` into ``location`` once the current mediator next asks the
+        model for anything (:meth:`flush`) or parks."""
         self.current.transform = (location, transform)
+
+    def flush(self, med: Mediator) -> None:
+        """Apply ``med``'s pending eproperty transform (if its visit is in progress)."""
+        if med.transform is not None:
+            location, transform = med.transform
+            med.transform = None
+            if location == self.location:
+                self.value = self.batcher.swap(self.value, transform(), med.group, location)
 
     def barrier(self, barrier: Barrier) -> None:
         """Park the current mediator until ``barrier.n`` mediators have arrived."""

@@ -1,10 +1,23 @@
-"""``nd.LanguageModel``: a causal language model from transformers, with its tokenizer.
+"""``nd.LanguageModel`` / ``nd.TransformersModel``: a causal LM from transformers, with its tokenizer.
 
 Loads a local checkpoint (or wraps an already-built model), prepares prompts given as a
 string, a list of strings, token ids or a tokenizer output, and batches the prompts of
 several invokes as nnsight does: every row keeps its own tokens, and rows are padded on
 the tokenizer's padding side (left by default) to the longest row of the batch.
-``generate`` traces ``model.generate``; every generation step is one step of the trace.
+``generate`` traces ``model.generate``; every generation step is one step of the trace,
+and the ids pass through ``model.generator`` (see :mod:`.generator`).
+
+``TransformersModel(path, task="text-generation")`` is nnsight 0.8.1's newer name for the
+same model (nnsight deprecates ``LanguageModel`` for it; here both are primary names and
+neither warns). Only the text-generation task exists here; other transformers pipeline
+tasks are refused.
+
+Loading keywords follow nnsight: ``dispatch`` (nnsight builds the model on the meta device
+and loads the weights at the first trace unless ``dispatch=True``; here the weights are
+always loaded at construction, so both values are accepted and ``model.dispatched`` is
+always true), ``tokenizer_kwargs`` (attributes set on the tokenizer), ``envoys``,
+``rename``, and the keywords of ``from_pretrained`` (``device_map``, ``revision``,
+``attn_implementation``, ``trust_remote_code``...).
 """
 
 from __future__ import annotations
@@ -13,36 +26,49 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ..intervention.envoy import Rename
+from ..intervention.envoy import EnvoyClasses, Rename
 from ..intervention.save import add_save_method
 from ..tracing.tracer import InterleavingTracer
+from .generator import Generator, GeneratorEnvoy
 from .nnsight import Batched, NNsight
 
 Prompt = Union[str, list, torch.Tensor, dict]
 ENGINES = ("transformers", "deepspeed", "torch")
+TASKS = ("text-generation",)
+#: ``from_pretrained`` keywords that concern the tokenizer's files as much as the weights.
+_TOKENIZER_LOAD_KWARGS = ("revision", "trust_remote_code", "token", "cache_dir", "local_files_only")
 
 
-class LanguageModel(NNsight):
-    """A traceable causal LM (see the module docstring)."""
+class TransformersModel(NNsight):
+    """A traceable causal LM for transformers' ``task`` (see the module docstring)."""
 
     def __init__(
         self,
         path_or_model: Any,
         *,
+        task: Optional[str] = "text-generation",
         tp: int = 1,
         pp: int = 1,
         engine: str = "transformers",
         dtype: Any = None,
         device: Any = None,
         tokenizer: Any = None,
+        tokenizer_kwargs: Optional[dict] = None,
         rename: Optional[Rename] = None,
+        envoys: Optional[EnvoyClasses] = None,
+        dispatch: bool = False,
+        peft: Optional[str] = None,
         **load_kwargs: Any,
     ) -> None:
         import transformers
 
+        if peft is not None:
+            raise NotImplementedError("PEFT adapters (nnsight's peft=) are not supported: merge the adapter first")
+
         add_save_method(transformers.utils.ModelOutput)
         from ..distributed import topology
 
+        _check_task(task)
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
         if engine != "transformers":
@@ -70,12 +96,18 @@ class LanguageModel(NNsight):
             module = module.to(device)
         module.eval()
         if tokenizer is None and source:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(source, padding_side="left")
+            shared = {k: load_kwargs[k] for k in _TOKENIZER_LOAD_KWARGS if k in load_kwargs}
+            tokenizer = transformers.AutoTokenizer.from_pretrained(source, padding_side="left", **shared)
         if tokenizer is not None and tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        super().__init__(module, rename=rename)
+        for key, value in (tokenizer_kwargs or {}).items():
+            setattr(tokenizer, key, value)
+        super().__init__(module, rename=rename, envoys=envoys)
+        self.__dict__["task"] = task or TASKS[0]
+        self.__dict__["dispatched"] = True
         self.__dict__["tokenizer"] = tokenizer
         self.__dict__["topology"] = topo
+        self.__dict__["generator"] = GeneratorEnvoy(Generator(), self.interleaver, f"{self.path}.generator")
         if distributed:
             from ..distributed.replica import ReplicaSeam
 
@@ -86,6 +118,9 @@ class LanguageModel(NNsight):
             self.__dict__["_placements"] = table
         else:
             self.__dict__["_placements"] = None
+
+    def dispatch(self) -> None:
+        """nnsight's explicit weight loading; the weights here are loaded at construction."""
 
     def placements(self) -> dict:
         """Every module's placement: owner stage, ranks, input and output placement."""
@@ -191,7 +226,34 @@ class LanguageModel(NNsight):
     def _generate(self, args: tuple, kwargs: dict) -> Any:
         if self.tokenizer is not None and "pad_token_id" not in kwargs:
             kwargs["pad_token_id"] = self.tokenizer.pad_token_id
-        return self._module.generate(*args, **kwargs)
+        # As nnsight: our streamer unless the caller brings one, or beam search (which
+        # transformers refuses any streamer for) is on.
+        config = kwargs.get("generation_config") or getattr(self._module, "generation_config", None)
+        if (kwargs.get("num_beams") or getattr(config, "num_beams", None) or 1) == 1:
+            kwargs.setdefault("streamer", self.generator.streamer._module)
+        return self.generator._module(self._module.generate(*args, **kwargs))
+
+
+class LanguageModel(TransformersModel):
+    """A traceable causal LM: :class:`TransformersModel` for the text-generation task."""
+
+    def __init__(self, path_or_model: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("task", "text-generation")
+        super().__init__(path_or_model, **kwargs)
+
+
+def _check_task(task: Optional[str]) -> None:
+    """Refuse a task other than text-generation: ``KeyError`` for one transformers does not
+    know (as nnsight), ``NotImplementedError`` for one it knows."""
+    if task is None or task in TASKS:
+        return
+    from transformers.pipelines import check_task
+
+    check_task(task)  # KeyError: "Unknown task ..., available tasks are [...]"
+    raise NotImplementedError(
+        f"task {task!r} is not supported by nnsight_dist: only {', '.join(map(repr, TASKS))} "
+        "(a causal language model, AutoModelForCausalLM) is"
+    )
 
 
 def _keyword_prompt(args: tuple, kwargs: dict) -> tuple[tuple, dict]:

@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..intervention.envoy import Envoy, Rename
+from ..intervention.envoy import Envoy, EnvoyClasses, Rename
 from ..tracing.tracer import EditingTracer, InterleavingTracer, ScanningTracer
 
 Batched = tuple[tuple, dict, list[Optional[tuple[int, int]]], Optional[int]]
@@ -21,8 +21,12 @@ Batched = tuple[tuple, dict, list[Optional[tuple[int, int]]], Optional[int]]
 class NNsight(Envoy):
     """A traceable wrapper of ``module`` (see the module docstring)."""
 
-    def __init__(self, module: torch.nn.Module, *, rename: Optional[Rename] = None) -> None:
-        super().__init__(module, None, "model", rename)
+    def __init__(
+        self, module: torch.nn.Module, *, rename: Optional[Rename] = None, envoys: Optional[EnvoyClasses] = None
+    ) -> None:
+        """``envoys``: the Envoy subclass of every module below the root, or a dict from
+        module type or path suffix to one (see :func:`~..intervention.envoy.envoy_class`)."""
+        super().__init__(module, None, "model", rename, envoys)
         self.__dict__["_edits"] = []
 
     # ------------------------------------------------------------------ entry points

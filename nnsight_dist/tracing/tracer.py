@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import torch
 
+from ..config import CONFIG
 from ..intervention.cache import Cache, CacheDict
 from ..intervention.eproperty import eproperty
 from ..intervention.errors import NNsightError, NotTracingError
@@ -76,7 +77,10 @@ _INTERNAL = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.se
 
 
 def user_frames(tb: Optional[TracebackType]) -> Optional[TracebackType]:
-    """``tb`` without the frames of nnsight_dist and of torch's module call machinery."""
+    """``tb`` without the frames of nnsight_dist and of torch's module call machinery
+    (all of ``tb`` when ``nd.CONFIG.APP.DEBUG`` is set)."""
+    if CONFIG.APP.DEBUG:
+        return tb
     kept = []
     while tb is not None:
         if not tb.tb_frame.f_code.co_filename.startswith(_INTERNAL):
@@ -307,6 +311,7 @@ class ScanningTracer(InterleavingTracer):
 
     def _go(self, args: tuple, kwargs: dict) -> None:
         il = self.interleaver
+        il.batcher.strict = False  # fake values: a write may change shapes (nnsight allows it)
         for envoy in self.model.modules():
             envoy._fakes.clear()
             il.observe(f"{envoy.path}.output", _recorder(envoy, "output"))
