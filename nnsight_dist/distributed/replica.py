@@ -5,7 +5,10 @@ engine's placements:
 
 - locations owned by another stage are *remote*: their values come from the owner over
   the :class:`~.router.Router`, keyed by ``(mediator, request number)``; writes to them
-  are dropped here because the owner applies them;
+  are dropped here because the owner applies them; the result of an ad-hoc call of such
+  a module (or one of its parameters) is waited for inside the visit in progress
+  (:meth:`ReplicaSeam.wait_remote`), since the owner computes it from values the body
+  already had;
 - fragmented locations of this stage get a :class:`~.placement.TensorCodec`;
 - every value served at an owned (non-replicated) location is pushed to the other stages
   once, without being asked; the values a whole-value cache observes go together, in one

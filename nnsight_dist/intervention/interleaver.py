@@ -13,7 +13,10 @@ counting its visits: the visit index is the iteration a mediator can ask for
 
 The mediator-side calls (:meth:`request`, :meth:`swap`, :meth:`skip`, :meth:`barrier`)
 run inside a mediator's greenlet: they are answered at once when the location is the
-visit in progress, and otherwise park the mediator until the model gets there.
+visit in progress, and otherwise park the mediator until the model gets there. A value
+that another rank computes from what the body already had (an ad-hoc call of a module
+of another pipeline stage) is waited for without parking: :meth:`Interleaver.synchronous`
+runs the wait on the model's greenlet while the visit in progress stands still.
 """
 
 from __future__ import annotations
