@@ -65,6 +65,12 @@ def lens_values(model) -> dict[str, torch.Tensor]:
         logits = model.lm_head.output.save()
     v.update(stage0_call_from_stage1=mlp0, stage1_call_of_stage0_result=back, stage0_call_logits=logits)
 
+    with model.trace(PROMPTS[0]):                                     # fragmented modules of the other
+        act0 = layers[0].mlp.act_fn.output                            # stage: arguments cut (rowwise),
+        row1 = layers[3].mlp.down_proj(act0).save()                   # results gathered (colwise)
+        col0 = layers[0].mlp.up_proj(layers[3].output).save()
+    v.update(stage1_rowwise_call=row1, stage0_colwise_call=col0)
+
     with model.generate(PROMPTS[1], max_new_tokens=2, do_sample=False) as tracer:
         steps = nd.save([])                                           # the lens at every step
         for _ in tracer.iter[:2]:
