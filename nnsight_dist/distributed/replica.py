@@ -5,7 +5,10 @@ engine's placements:
 
 - locations owned by another stage are *remote*: their values come from the owner over
   the :class:`~.router.Router`, keyed by ``(mediator, request number)``; writes to them
-  are dropped here because the owner applies them;
+  are dropped here because the owner applies them; the result of an ad-hoc call of such
+  a module (or one of its parameters) is waited for inside the visit in progress
+  (:meth:`ReplicaSeam.wait_remote`), since the owner computes it from values the body
+  already had;
 - fragmented locations of this stage get a :class:`~.placement.TensorCodec`;
 - every value served at an owned (non-replicated) location is pushed to the other stages
   once, without being asked; the values a whole-value cache observes go together, in one
@@ -99,6 +102,8 @@ class ReplicaSeam(Seam):
         self._observed: list = []
         self._fragments: list = []
         self.attribute_reads = 0
+        #: Ad-hoc calls being waited for in :meth:`wait_remote` (nested waits are possible).
+        self._calls: dict[tuple[int, int], str] = {}
 
     # ------------------------------------------------------------------ seam
 
@@ -112,6 +117,24 @@ class ReplicaSeam(Seam):
         # A message for this request under another location is left over and reported as a
         # divergence when the trace drains.
         return self.router.take(("v", mediator, seq, location))
+
+    def wait_remote(self, mediator: int, seq: int, location: str) -> Any:
+        """An ad-hoc call's result from the owner: a router-aware wait (see docs/design.md,
+        "Ad-hoc calls across stages"). The owner's copy of the mediator computes it from
+        values this rank already sent or that are on their way to it, so the owner needs
+        nothing from this rank but that its streams are drained."""
+        source = self.topo.rank_of(self.owner[location], self.topo.tp_rank)
+        module = location[: -len(".output")]
+        what = f"the ad-hoc call of {module} (request {seq} of {self._name(mediator)})"
+        self._calls[(mediator, seq)] = location
+        try:
+            return self.router.wait(("v", mediator, seq, location), what, source)
+        finally:
+            del self._calls[(mediator, seq)]
+
+    def _name(self, mediator: int) -> str:
+        med = next((m for m in self.interleaver.mediators if m.index == mediator), None)
+        return med.name if med is not None and med.name else f"mediator {mediator}"
 
     def attribute(self, path: str, name: str, local: Callable[[], Any]) -> Any:
         """Tensors (parameters, buffers) of a module owned by one stage come from that stage:
@@ -128,7 +151,9 @@ class ReplicaSeam(Seam):
                 pass
             self.attribute_reads += 1
             source = self.topo.rank_of(stage, self.topo.tp_rank)
-            found = router.wait(("p", path, name, self.attribute_reads), f"attribute {name} of {path}", source)
+            key = ("p", path, name, self.attribute_reads)
+            # Like an ad-hoc call: the owner reads it from what the body already had.
+            found = self.interleaver.synchronous(lambda: router.wait(key, f"attribute {name} of {path}", source))
             if found is None:
                 raise AttributeError(name)
             return found["value"]
@@ -227,6 +252,8 @@ class ReplicaSeam(Seam):
                 self._check_same(location, med.wait.location, mediator, seq)
                 self.router.mailbox.pop((self.router.trace, key), None)
                 self.interleaver.deliver(mediator, seq, value)
+            elif (mediator, seq) in self._calls:  # waited for in wait_remote, which takes it
+                self._check_same(location, self._calls[(mediator, seq)], mediator, seq)
         elif kind == "o":
             self.router.mailbox.pop((self.router.trace, key), None)
             observers = self.interleaver.observer_list

@@ -241,11 +241,17 @@ class Router:
 
     # ------------------------------------------------------------------ receiving
 
-    def poll(self) -> bool:
-        """Drain every message that has arrived; True if there was any."""
+    def poll(self, until: Optional[Callable[[], bool]] = None) -> bool:
+        """Drain the messages that have arrived, in stream order; True if there was any.
+
+        With ``until``, stop as soon as it holds: a wait takes in exactly the messages up to
+        the one it waits for, so what it delivers (and what the mediators it resumes do, tp
+        collectives included) depends on the streams' contents, not on their timing, and
+        is the same on every tensor-parallel rank of the stage.
+        """
         got = False
         for stream in self.incoming.values():
-            while lost_contact(stream.work.done, stream.peer):
+            while not (until is not None and until()) and lost_contact(stream.work.done, stream.peer):
                 with _real_tensors():
                     lost_contact(lambda: self._receive(stream), stream.peer)
                 self._deliver(stream)
@@ -256,10 +262,12 @@ class Router:
         trace, size, length = (int(x) for x in stream.header.tolist())
         body = torch.empty(length, dtype=torch.uint8)
         # Sent right after its header; still, no wait here is unbounded (this group's own
-        # timeout is effectively infinite, so the router's timeout guards it).
+        # timeout is effectively infinite, so the router's timeout guards it). The next
+        # header receive is posted before waiting: if the wait is cut short (another rank's
+        # error ends the trace), the body still lands here and the stream stays aligned.
         received = stream.waiter.watch([dist.irecv(body, src=stream.peer, group=self.group)])
-        self.failures.wait(received.done, "the body of a message", stream.peer)
         stream.repost()
+        self.failures.wait(received.done, "the body of a message", stream.peer)
         meta = json.loads(body[:size].numpy().tobytes().decode())
         tensors, offset = [], size
         for dtype, shape in meta["tensors"]:
@@ -298,7 +306,10 @@ class Router:
 
     def wait(self, key: tuple, what: str, source: int) -> Any:
         """A router-aware wait: drain streams (serving arrivals) until ``key`` arrives."""
-        self.failures.wait(lambda: (self.trace, key) in self.mailbox, what, source, self.poll, self._idle)
+        def arrived() -> bool:
+            return (self.trace, key) in self.mailbox
+
+        self.failures.wait(arrived, what, source, lambda: self.poll(arrived), self._idle)
         return self.take(key)[1]
 
     def _idle(self, seconds: float) -> None:

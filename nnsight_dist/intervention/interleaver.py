@@ -13,7 +13,10 @@ counting its visits: the visit index is the iteration a mediator can ask for
 
 The mediator-side calls (:meth:`request`, :meth:`swap`, :meth:`skip`, :meth:`barrier`)
 run inside a mediator's greenlet: they are answered at once when the location is the
-visit in progress, and otherwise park the mediator until the model gets there.
+visit in progress, and otherwise park the mediator until the model gets there. A value
+that another rank computes from what the body already had (an ad-hoc call of a module
+of another pipeline stage) is waited for without parking: :meth:`Interleaver.synchronous`
+runs the wait on the model's greenlet while the visit in progress stands still.
 """
 
 from __future__ import annotations
@@ -289,6 +292,14 @@ class Interleaver:
                 med.greenlet.switch(send)
             else:
                 med.greenlet.throw(throw)
+            while med.wait is not None and med.wait.kind == "sync":
+                # The body waits for another rank inside this visit (see `synchronous`): the
+                # wait runs here, on the model's greenlet, so whatever it delivers to other
+                # mediators is resumed from here too, and the model stays where it is. Its
+                # errors (a timeout, another rank's failure, a stop of a mediator it resumed)
+                # abort the run from here, as those of the engine's waits do.
+                wait, med.wait = med.wait, None
+                med.greenlet.switch(wait.payload())
         finally:
             self.current = outer
         self.flush(med)
@@ -310,6 +321,22 @@ class Interleaver:
         med.wait = wait
         if wait.kind not in ("barrier", "remote"):
             self.waiting.setdefault(wait.location, []).append(med)
+        return self.main.switch()
+
+    def synchronous(self, fn: Callable[[], Any]) -> Any:
+        """``fn()``, a wait for a value another rank computes for the current mediator, run
+        as one process would run a call: inside the visit in progress.
+
+        Called from a body, the mediator hands ``fn`` to the model's greenlet (where every
+        wait runs, so that values it delivers to other mediators resume them from there)
+        and gets its result back; the model does not move meanwhile. Outside a body,
+        ``fn()`` runs here. An exception of ``fn`` aborts the run from the model's greenlet
+        (the body does not see it).
+        """
+        med = self.current
+        if med is None or self.main is None or getcurrent() is not med.greenlet:
+            return fn()
+        med.wait = Wait("", None, "sync", fn)
         return self.main.switch()
 
     def _mediator(self, what: str) -> Mediator:
@@ -427,13 +454,19 @@ class Interleaver:
 
         Arguments are whole values and the result is whole: fragmented arguments are cut to
         this rank's part, a fragmented result is assembled. On a stage that does not own
-        the module the result comes from its owner.
+        the module the result comes from its owner, which computes it from values the body
+        already had: the body waits for it inside the visit in progress (``synchronous``),
+        as one process would run the call, instead of parking until the model moves on.
         """
         med = self._mediator(f"calling {point.path}")
         seq = med.seq
         med.seq += 1
-        if point.output.location in self.seam.remote:
-            return self._remote(med, seq, point.output.location)
+        location = point.output.location
+        if location in self.seam.remote:
+            found, value = self.seam.fetch(med.index, seq, location)
+            if found:
+                return value
+            return self.synchronous(lambda: self.seam.wait_remote(med.index, seq, location))
         codecs = self.seam.codecs
         codec = codecs.get(point.input.location)
         if codec is not None:

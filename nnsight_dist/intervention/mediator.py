@@ -25,8 +25,10 @@ class Wait:
 
     ``kind`` is ``"value"`` (read; ``payload`` is the request's sequence number),
     ``"remote"`` (a value from another stage; ``payload`` likewise), ``"swap"`` (write
-    ``payload``), ``"skip"`` (replace a module call by ``payload``) or ``"barrier"``. ``iteration`` is the visit index wanted,
-    or ``None`` for the next visit.
+    ``payload``), ``"skip"`` (replace a module call by ``payload``), ``"barrier"``, or
+    ``"sync"`` (not a park: the model's greenlet runs the wait ``payload()`` for the body
+    inside the current visit). ``iteration`` is the visit index wanted, or ``None`` for the
+    next visit.
     """
 
     location: str

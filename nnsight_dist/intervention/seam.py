@@ -8,8 +8,9 @@ defaults below answer them for one process (every location owned, every value wh
 - Is a location *fragmented* (tensor-parallel)? ``Seam.codecs`` maps such locations to a
   :class:`Codec` that turns the local fragment into the whole value and back.
 - What happens when a value is served (``served``), when a remote value is needed
-  (``fetch``), and when an observed value passes (``observed``)? The distributed seam
-  routes them between stages; here they do nothing.
+  (``fetch``; ``wait_remote`` when the body cannot go on without it: an ad-hoc call),
+  and when an observed value passes (``observed``)? The distributed seam routes them
+  between stages; here they do nothing.
 
 Every value request of a mediator carries a *sequence number*: the n-th request of a
 mediator is the same request on every rank (SPMD), so the pair (mediator, sequence)
@@ -49,6 +50,12 @@ class Seam:
     def fetch(self, mediator: int, seq: int, location: str) -> tuple[bool, Any]:
         """The remote value of request ``seq`` of ``mediator``, if it has arrived."""
         return False, None
+
+    def wait_remote(self, mediator: int, seq: int, location: str) -> Any:
+        """The remote value of request ``seq`` of ``mediator`` (an ad-hoc call of a module
+        another rank owns), waited for; bounded, and draining arrivals while it waits.
+        Nothing is remote in one process, so nothing asks here."""
+        raise LookupError(f"{location} is not computed in this process and no other rank computes it")
 
     def observed(self, observer: int, visit: int, location: str, value: Any) -> None:
         """An owned value of ``location`` passed observer ``observer`` at visit ``visit``."""

@@ -61,6 +61,12 @@ def trace_values(model) -> dict[str, torch.Tensor]:
             b = model.lm_head.output.save()
     v.update(batched_edit_a=a, batched_b=b)
 
+    with model.trace(PROMPTS[0]):                                     # the logit lens: ad-hoc calls
+        lens = nd.save([])                                            # of the last stage after each
+        for layer in layers:                                          # layer's read
+            lens.append(model.lm_head(model.model.norm(layer.output)))
+    v["logit_lens"] = torch.stack(lens)
+
     with model.trace(PROMPTS[0]) as tracer:                           # stop() on stage 0
         early = layers[0].output.save()
         tracer.stop()
