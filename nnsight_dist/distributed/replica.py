@@ -102,6 +102,8 @@ class ReplicaSeam(Seam):
         self._observed: list = []
         self._fragments: list = []
         self.attribute_reads = 0
+        #: Modules whose submodules run on different stages: no one rank can call them.
+        self.spanning = _spanning(placements)
         #: Ad-hoc calls being waited for in :meth:`wait_remote` (nested waits are possible).
         self._calls: dict[tuple[int, int], str] = {}
 
@@ -117,6 +119,17 @@ class ReplicaSeam(Seam):
         # A message for this request under another location is left over and reported as a
         # divergence when the trace drains.
         return self.router.take(("v", mediator, seq, location))
+
+    def check_call(self, path: str) -> None:
+        """A module whose submodules run on different stages holds placeholders for the
+        other stages' layers on every rank: a call would pass values through them and give
+        a wrong result, so it is refused (the same way on every rank)."""
+        if path in self.spanning:
+            raise NNsightError(
+                f"{path} spans pipeline stages (its submodules run on stages {self.spanning[path]}): no rank "
+                "can call it ad hoc. Call the modules of one stage instead (a layer, the norm, lm_head), "
+                "or trace with pp=1"
+            )
 
     def wait_remote(self, mediator: int, seq: int, location: str) -> Any:
         """An ad-hoc call's result from the owner: a router-aware wait (see docs/design.md,
@@ -388,6 +401,18 @@ class ReplicaSeam(Seam):
             raise DivergenceError(f"ranks {ranks} ran {steps} steps of the model")
         logs = all_gather_json(entries, group, len(ranks), self.failures)
         raise DivergenceError(_first_difference(ranks, logs))
+
+
+def _spanning(placements: dict[str, Placement]) -> dict[str, list[int]]:
+    """Module paths whose subtree holds modules of more than one stage, with those stages."""
+    stages: dict[str, set] = {}
+    for path, p in placements.items():
+        if p.owner_stage is None:
+            continue
+        parts = path.split(".")
+        for i in range(1, len(parts) + 1):
+            stages.setdefault(".".join(parts[:i]), set()).add(p.owner_stage)
+    return {path: sorted(found) for path, found in stages.items() if len(found) > 1 and path in placements}
 
 
 def _communication(error: BaseException) -> bool:

@@ -459,6 +459,7 @@ class Interleaver:
         as one process would run the call, instead of parking until the model moves on.
         """
         med = self._mediator(f"calling {point.path}")
+        self.seam.check_call(point.path)
         seq = med.seq
         med.seq += 1
         location = point.output.location

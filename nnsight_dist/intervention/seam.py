@@ -51,6 +51,10 @@ class Seam:
         """The remote value of request ``seq`` of ``mediator``, if it has arrived."""
         return False, None
 
+    def check_call(self, path: str) -> None:
+        """Raise if the module at ``path`` cannot be called ad hoc on this rank (in one
+        process every module can)."""
+
     def wait_remote(self, mediator: int, seq: int, location: str) -> Any:
         """The remote value of request ``seq`` of ``mediator`` (an ad-hoc call of a module
         another rank owns), waited for; bounded, and draining arrivals while it waits.

@@ -162,3 +162,34 @@ def test_ad_hoc_call_timeout_pp2(reference):
     # names the call's module, the waiting mediator and the rank expected to send
     assert "ad-hoc call of model.model.norm (request 1 of trace body) from rank 1" in message, message
     assert results[1][1] in ("RouterTimeout", "RemoteError"), results[1]
+
+
+def _spanning_call(rank: int, path: str) -> tuple:
+    """An ad-hoc call of the base model (its layers run on both stages), then a lens."""
+    model = nd.LanguageModel(path, pp=2)
+    error = None
+    try:
+        with model.trace(PROMPTS[0]):
+            h = model.model.embed_tokens.output
+            whole = model.model(inputs_embeds=h).last_hidden_state.save()
+    except Exception as e:
+        error = (type(e).__name__, str(e))
+    with model.trace(PROMPTS[0]):
+        lens = nd.save([model.lm_head(model.model.norm(layer.output)) for layer in model.model.layers])
+    return error, torch.stack(lens)
+
+
+def test_call_of_a_module_spanning_stages_is_refused_pp2(reference):
+    """In one process the call runs; at pp=2 every rank holds placeholders for the other
+    stage's layers, so a call would give a wrong value: it is refused on every rank."""
+    path, expected = reference
+    model = nd.LanguageModel(path)
+    with model.trace(PROMPTS[0]):
+        h = model.model.embed_tokens.output
+        whole = model.model(inputs_embeds=h).last_hidden_state.save()
+    assert whole.shape[-1] == model.config.hidden_size
+    for error, lens in run_ranks(_spanning_call, 2, path, timeout=120, env=ENV):
+        # Each rank refuses the call itself, or first hears of the other rank's refusal.
+        assert error is not None and error[0] in ("NNsightError", "RemoteError"), error
+        assert "model.model spans pipeline stages" in error[1], error
+        torch.testing.assert_close(lens, expected["lens"], rtol=1e-4, atol=1e-5)
