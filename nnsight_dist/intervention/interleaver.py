@@ -19,6 +19,7 @@ visit in progress, and otherwise park the mediator until the model gets there.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
@@ -26,7 +27,7 @@ from greenlet import GreenletExit, getcurrent, greenlet
 
 from .batcher import Batcher
 from .errors import MissedProviderError, NotTracingError, OutOfOrderError
-from .mediator import Mediator, Wait
+from .mediator import Mediator, StepsExhausted, Wait
 from .seam import Seam
 
 
@@ -454,15 +455,23 @@ class Interleaver:
         self.main = getcurrent()
 
     def finish(self) -> None:
-        """End of the model run: every mediator still waiting gets its error (or ends quietly)."""
+        """End of the model run: every mediator still waiting gets its error, ends quietly
+        (after ``stop()``), or has its step loop cut (see :class:`.mediator.StepsExhausted`)."""
         for med in list(self.mediators):
             guard = 0
             while med.greenlet is not None and not med.greenlet.dead and med.wait is not None:
                 wait = med.wait
                 self._unpark(med)
                 guard += 1
-                if self.stopped or (med.unbounded and wait.kind != "barrier") or guard > 100:
+                if self.stopped or guard > 100:
                     self._resume(med, None, GreenletExit())
+                    continue
+                if med.looping and med.iteration and wait.kind != "barrier":
+                    # A step loop asked for a step the run did not make: cut it (nnsight's rule).
+                    cut = StepsExhausted(wait.location, med.iteration)
+                    self._resume(med, None, cut)
+                    if not cut.caught:
+                        warnings.warn(cut.warning(), UserWarning, stacklevel=2)
                     continue
                 self._resume(med, None, MissedProviderError(_missed(wait, self.step + 1)))
         self.remote_waiting.clear()

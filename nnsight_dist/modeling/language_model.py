@@ -116,8 +116,7 @@ class LanguageModel(NNsight):
     def generate(self, *inputs: Any, **kwargs: Any) -> InterleavingTracer:
         """A tracer around ``model.generate``; each new token is one step (``tracer.iter``)."""
         inputs, kwargs = _keyword_prompt(inputs, kwargs)
-        steps = kwargs.get("max_new_tokens")
-        return InterleavingTracer(self, self._generate, inputs, kwargs, steps=steps)
+        return InterleavingTracer(self, self._generate, inputs, kwargs)
 
     # ------------------------------------------------------------------ inputs
 
