@@ -313,17 +313,22 @@ class Interleaver:
     def _park(self, med: Mediator, wait: Wait) -> Any:
         med.parks += 1
         med.wait = wait
-        if wait.kind not in ("barrier", "remote"):
+        if wait.kind not in ("barrier", "remote", "beyond"):
             self.waiting.setdefault(wait.location, []).append(med)
         return self.main.switch()
 
-    def _mediator(self, what: str) -> Mediator:
+    def _mediator(self, what: str, location: Optional[str] = None) -> Mediator:
+        """The mediator running now; one in a step loop past the run's steps parks for
+        good on its first use of ``location`` (:meth:`finish` cuts the loop)."""
         med = self.current
         if med is None or not self.active or getcurrent() is not med.greenlet:
             raise NotTracingError(
                 f"{what} is only available inside a trace: use it in the body of "
                 "`with model.trace(...)` (or of a `tracer.invoke(...)`)."
             )
+        if med.beyond_run and location is not None:
+            # Never asked of the model (on many ranks another stage would never serve it).
+            self._park(med, Wait(location, med.iteration, "beyond"))
         return med
 
     def _check(self, med: Mediator, location: str) -> tuple[Site, Optional[int], bool]:
@@ -350,7 +355,7 @@ class Interleaver:
 
     def request(self, location: str) -> Any:
         """The value at ``location`` for the current mediator (parks until it is reached)."""
-        med = self._mediator(f"reading {location}")
+        med = self._mediator(f"reading {location}", location)
         seq = med.seq
         med.seq += 1
         if location in self.seam.remote:
@@ -382,7 +387,7 @@ class Interleaver:
 
     def swap(self, location: str, value: Any) -> None:
         """Replace the value at ``location`` (for the current mediator's rows)."""
-        med = self._mediator(f"writing {location}")
+        med = self._mediator(f"writing {location}", location)
         if location in self.seam.remote:
             return  # the owner stage applies writes; every other stage drops them
         site, it, now = self._check(med, location)
@@ -394,7 +399,7 @@ class Interleaver:
     def skip(self, path: str, value: Any) -> None:
         """Do not run the call point at ``path``; use ``value`` as its output."""
         location = path + ".input"
-        med = self._mediator(f"skipping {path}")
+        med = self._mediator(f"skipping {path}", location)
         if location in self.seam.remote:
             return
         site, it, now = self._check(med, location)
@@ -422,7 +427,7 @@ class Interleaver:
         this rank's part, a fragmented result is assembled. On a stage that does not own
         the module the result comes from its owner.
         """
-        med = self._mediator(f"calling {point.path}")
+        med = self._mediator(f"calling {point.path}", point.output.location)
         seq = med.seq
         med.seq += 1
         if point.output.location in self.seam.remote:
@@ -459,14 +464,16 @@ class Interleaver:
         (after ``stop()``), or has its step loop cut (see :class:`.mediator.StepsExhausted`)."""
         for med in list(self.mediators):
             guard = 0
+            cut = None
             while med.greenlet is not None and not med.greenlet.dead and med.wait is not None:
                 wait = med.wait
                 self._unpark(med)
                 guard += 1
-                if self.stopped or guard > 100:
+                # After a cut ``with tracer.iter`` block, what waits again ends quietly (nnsight).
+                if self.stopped or cut is not None or guard > 100:
                     self._resume(med, None, GreenletExit())
                     continue
-                if med.looping and med.iteration and wait.kind != "barrier":
+                if wait.kind == "beyond" or (med.looping and med.iteration and wait.kind != "barrier"):
                     # A step loop asked for a step the run did not make: cut it (nnsight's rule).
                     cut = StepsExhausted(wait.location, med.iteration)
                     self._resume(med, None, cut)

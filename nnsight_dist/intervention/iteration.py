@@ -16,7 +16,7 @@ with the statements after the block, silently.
 
 from __future__ import annotations
 
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 from .errors import NotTracingError
 from .interleaver import Interleaver
@@ -29,17 +29,18 @@ class IteratorProxy:
     #: The loop built by indexing (the tracer's subclass also makes it a ``with`` block).
     loop: type = None  # set below, once StepLoop exists
 
-    def __init__(self, interleaver: Interleaver) -> None:
+    def __init__(self, interleaver: Interleaver, bound: Optional[int]) -> None:
         self.interleaver = interleaver
+        self.bound = bound
 
     def __getitem__(self, key: Union[int, slice]) -> "StepLoop":
         if isinstance(key, int):
-            return self.loop(self.interleaver, range(key, key + 1), False)
+            return self.loop(self.interleaver, range(key, key + 1), False, self.bound)
         start = key.start or 0
         step = key.step or 1
         if key.stop is not None:
-            return self.loop(self.interleaver, range(start, key.stop, step), False)
-        return self.loop(self.interleaver, _count(start, step), True)
+            return self.loop(self.interleaver, range(start, key.stop, step), False, self.bound)
+        return self.loop(self.interleaver, _count(start, step), True, self.bound)
 
 
 def _count(start: int, step: int) -> Iterator[int]:
@@ -56,10 +57,12 @@ class StepLoop:
     :class:`..tracing.tracer.StepBlock`, which runs its body through :meth:`steps`.
     """
 
-    def __init__(self, interleaver: Interleaver, steps, unbounded: bool) -> None:
+    def __init__(self, interleaver: Interleaver, steps, unbounded: bool, bound: Optional[int]) -> None:
         self.interleaver = interleaver
         self.indices = steps
         self.unbounded = unbounded
+        #: Steps the run makes at most (``max_new_tokens``), else ``None``.
+        self.bound = bound
 
     def __iter__(self) -> Iterator[int]:
         return self.steps()
@@ -70,16 +73,17 @@ class StepLoop:
         med = self.interleaver.current
         if med is None:
             raise NotTracingError("tracer.iter[...] is only available inside a trace body")
-        outer = med.iteration, med.looping
+        outer = med.iteration, med.looping, med.beyond_run
         try:
             for i in self.indices:
                 med.iteration, med.looping = i, True
+                med.beyond_run = self.bound is not None and i >= self.bound
                 touched = med.seq, med.parks
                 yield i
                 if self.unbounded and (med.seq, med.parks) == touched:
                     break  # an open-ended loop whose body never waits on the model would spin
         finally:
-            med.iteration, med.looping = outer
+            med.iteration, med.looping, med.beyond_run = outer
 
 
 IteratorProxy.loop = StepLoop

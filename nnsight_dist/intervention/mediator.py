@@ -25,7 +25,8 @@ class Wait:
 
     ``kind`` is ``"value"`` (read; ``payload`` is the request's sequence number),
     ``"remote"`` (a value from another stage; ``payload`` likewise), ``"swap"`` (write
-    ``payload``), ``"skip"`` (replace a module call by ``payload``) or ``"barrier"``. ``iteration`` is the visit index wanted,
+    ``payload``), ``"skip"`` (replace a module call by ``payload``), ``"barrier"``, or
+    ``"beyond"`` (a step loop past the steps the run makes: never served). ``iteration`` is the visit index wanted,
     or ``None`` for the next visit.
     """
 
@@ -54,6 +55,8 @@ class Mediator:
         #: True inside a ``tracer.iter`` loop: a step the run never makes cuts the loop
         #: (see :class:`StepsExhausted`) instead of raising ``MissedProviderError``.
         self.looping = False
+        #: True at a step of such a loop known to be past the run's last (``max_new_tokens``).
+        self.beyond_run = False
         #: A one-shot eproperty transform to apply when the body next parks.
         self.transform: Optional[tuple[str, Callable[[], Any]]] = None
 

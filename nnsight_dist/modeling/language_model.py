@@ -116,7 +116,8 @@ class LanguageModel(NNsight):
     def generate(self, *inputs: Any, **kwargs: Any) -> InterleavingTracer:
         """A tracer around ``model.generate``; each new token is one step (``tracer.iter``)."""
         inputs, kwargs = _keyword_prompt(inputs, kwargs)
-        return InterleavingTracer(self, self._generate, inputs, kwargs)
+        steps = kwargs.get("max_new_tokens")
+        return InterleavingTracer(self, self._generate, inputs, kwargs, steps=steps)
 
     # ------------------------------------------------------------------ inputs
 

@@ -126,6 +126,7 @@ class InterleavingTracer(_Block):
         run: Callable[[tuple, dict], Any],
         args: tuple,
         kwargs: dict,
+        steps: Optional[int] = 1,
     ) -> None:
         self.model = model
         self.interleaver: Interleaver = model.interleaver
@@ -133,6 +134,8 @@ class InterleavingTracer(_Block):
         self._run = run
         self._args = args
         self._kwargs = kwargs
+        #: Steps the run makes at most (``max_new_tokens``), ``None`` when unknown.
+        self._steps = steps
         self._invokes: list[tuple[Callable, tuple, dict]] = []
         self._scopes: list[Scope] = []
         self._root: Optional[Mediator] = None
@@ -161,7 +164,7 @@ class InterleavingTracer(_Block):
     def iter(self) -> "StepBlocks":
         """``for step in tracer.iter[0:3]``: constrain the body to generation steps
         (also ``with tracer.iter[0:3]:``, nnsight's deprecated block form)."""
-        return StepBlocks(self.interleaver)
+        return StepBlocks(self.interleaver, self._steps)
 
     def all(self) -> "StepBlock":
         """Every generation step (``tracer.iter[:]``), until the run ends."""
