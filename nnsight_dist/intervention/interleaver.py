@@ -19,6 +19,7 @@ visit in progress, and otherwise park the mediator until the model gets there.
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from typing import Any, Callable, Optional
 
@@ -476,9 +477,10 @@ class Interleaver:
                 if wait.kind == "beyond" or (med.looping and med.iteration and wait.kind != "barrier"):
                     # A step loop asked for a step the run did not make: cut it (nnsight's rule).
                     cut = StepsExhausted(wait.location, med.iteration)
+                    where = _user_line(med)
                     self._resume(med, None, cut)
                     if not cut.caught:
-                        warnings.warn(cut.warning(), UserWarning, stacklevel=2)
+                        warnings.warn_explicit(cut.warning(), UserWarning, *where)
                     continue
                 self._resume(med, None, MissedProviderError(_missed(wait, self.step + 1)))
         self.remote_waiting.clear()
@@ -527,6 +529,19 @@ class Interleaver:
         obs = Observer(fn, local, len(self.observer_list))
         self.observer_list.append(obs)
         self.observers.setdefault(location, []).append(obs)
+
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _user_line(med: Mediator) -> tuple[str, int]:
+    """File and line of the user's code where ``med`` is parked (for warnings)."""
+    frame = med.greenlet.gr_frame
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame = frame.f_back
+    if frame is None:
+        return __file__, 0
+    return frame.f_code.co_filename, frame.f_lineno
 
 
 def _index(med: Mediator) -> int:

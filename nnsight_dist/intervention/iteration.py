@@ -7,7 +7,7 @@ ended; ``tracer.next()`` moves the mediator on to the next step.
 
 A loop that asks for a step the run does not make (``iter[0:5]`` with 3 new tokens, or
 any open-ended loop once generation ends) is *cut*, as in nnsight 0.8.1: the interleaver
-throws :class:`StepsExhausted` into the parked body when the run ends; values saved in
+throws :class:`.mediator.StepsExhausted` into the parked body when the run ends; values saved in
 the reached steps are kept, the statements after the loop do not run, and a
 ``UserWarning`` says so. The ``with tracer.iter[...]:`` block form (deprecated in
 nnsight, with a ``FutureWarning``) runs its body once per step and, when cut, goes on
@@ -20,7 +20,6 @@ from typing import Iterator, Optional, Union
 
 from .errors import NotTracingError
 from .interleaver import Interleaver
-from .mediator import StepsExhausted  # noqa: F401  (re-exported: part of this concept)
 
 
 class IteratorProxy:

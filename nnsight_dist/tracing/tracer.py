@@ -28,8 +28,8 @@ from ..intervention.cache import Cache, CacheDict
 from ..intervention.eproperty import eproperty
 from ..intervention.errors import NNsightError, NotTracingError, TraceSetupError
 from ..intervention.interleaver import Barrier, Interleaver
-from ..intervention.iteration import IteratorProxy, StepLoop, StepsExhausted, advance
-from ..intervention.mediator import Mediator
+from ..intervention.iteration import IteratorProxy, StepLoop, advance
+from ..intervention.mediator import Mediator, StepsExhausted
 from ..intervention import save as saving
 from .capture import Scope, SkipBody, capture, push_names, scope, skip_body
 
@@ -47,10 +47,14 @@ class _Block:
     """A ``with`` block whose body is captured instead of executed."""
 
     def __enter__(self) -> Any:
+        self._check()
         self._frame = sys._getframe(1)
         self._body = capture(self._frame)
         self._restore = _nothing if self._body.trivial else skip_body(self._frame, self._body.first)
         return self._entered()
+
+    def _check(self) -> None:
+        """Refuse to open the block here (before anything is armed); by default, never."""
 
     def _entered(self) -> Any:
         return self
@@ -103,14 +107,13 @@ class Invoker(_Block):
         self.args = args
         self.kwargs = kwargs
 
-    def _entered(self) -> Any:
+    def _check(self) -> None:
         current = self.tracer.interleaver.current
         if current is not None and current is not self.tracer._root:
             raise TraceSetupError(
                 f"tracer.invoke(...) inside {current.name}: invokes do not nest. Open every "
                 "invoke directly in the trace body."
             )
-        return self
 
     def _captured(self, frame: FrameType) -> None:
         sc = scope(frame)

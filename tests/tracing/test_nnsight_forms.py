@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 import warnings
 
 import pytest
@@ -232,12 +233,13 @@ def nested_invokes(model):
 @pytest.mark.parametrize("scenario", [no_input, nested_invokes])
 def test_setup_errors_are_value_errors(pair, scenario):
     theirs, ours = pair
+    tracing = sys.gettrace()
     with pytest.raises(ValueError):
         scenario(theirs)
     with pytest.raises(nd.TraceSetupError) as err:
         scenario(ours)
     assert isinstance(err.value, ValueError) and isinstance(err.value, nd.NNsightError)
-    assert not ours.interleaver.active
+    assert not ours.interleaver.active and sys.gettrace() is tracing  # nothing left armed
     with ours.trace(PROMPT):  # and the model traces normally after
         ours.lm_head.output.save()
 
