@@ -207,7 +207,13 @@ def multiline_headers(model):
         do_sample=False,
     ) as generator:
         c = generator.result.save()
-    return a, b, c, t1
+    with model.trace() as tracer:
+        with tracer.invoke(PROMPT) \
+                as invoker:
+            # a comment before the body's first statement
+            d = model.lm_head.output.save()
+            t2 = (invoker is not None).save()
+    return a, b, c, d, t1, t2
 
 
 def test_multiline_headers_keep_their_as_name(pair):
