@@ -95,7 +95,10 @@ def scope(frame: FrameType, shared: Optional[dict] = None) -> Scope:
     """
     outer = frame.f_globals
     if isinstance(outer, Scope):
-        return Scope(dict(outer), outer.shared if shared is None else shared, outer)
+        own = dict(outer)
+        if frame.f_locals is not outer:  # a function defined in the enclosing body
+            own.update(frame.f_locals)
+        return Scope(own, outer.shared if shared is None else shared, outer)
     return Scope(dict(frame.f_locals), {} if shared is None else shared, outer)
 
 
