@@ -21,7 +21,7 @@ _REGISTRIES: list[dict[int, Any]] = []
 def save(obj: T) -> T:
     """Keep ``obj`` after the trace; returns ``obj`` itself. Outside a trace it is a no-op.
 
-    Registered with every running trace and session, innermost to outermost, so a value
+    Registered with every running trace and session (not only the innermost), so a value
     saved in a trace inside ``model.session()`` also outlives the session.
     """
     for registry in _REGISTRIES:
