@@ -4,7 +4,7 @@
 and stores what passes *after* the mediators have edited it. Keys are full paths
 (``"model.model.layers.0.mlp"``); a :class:`CacheDict` also walks by attribute and index
 (``cache.model.model.layers[0].output``). A module visited more than once (generation
-steps) keeps a list, one value per visit.
+steps) keeps a list, one value per visit; ``len(cache[path])`` counts the visits.
 """
 
 from __future__ import annotations
@@ -19,10 +19,25 @@ from .batcher import map_tensors
 
 @dataclass
 class Entry:
-    """What was recorded for one module: ``output`` and ``inputs`` (``(args, kwargs)``)."""
+    """What was recorded for one module: ``output`` and ``inputs`` (``(args, kwargs)``).
+
+    A module visited several times holds one value per visit: ``len(entry)`` is the number
+    of visits, ``.output`` the list of values, ``entry[i]`` the entry of visit ``i``
+    (nnsight 0.8.1 shows the same: ``len(cache[path])`` is the step count).
+    """
 
     output: Optional[Any] = None
     inputs: Optional[Any] = None
+
+    def __len__(self) -> int:
+        recorded = [v for v in (self.output, self.inputs) if v is not None]
+        return max((len(v) if isinstance(v, _Visits) else 1 for v in recorded), default=0)
+
+    def __getitem__(self, visit: int) -> "Entry":
+        n = len(self)
+        if not -n <= visit < n:
+            raise IndexError(f"visit {visit} of a module visited {n} time(s)")
+        return Entry(*(v[visit] if isinstance(v, _Visits) else v for v in (self.output, self.inputs)))
 
     @property
     def input(self) -> Any:
@@ -67,6 +82,10 @@ class CacheDict(dict):
         if self._path not in dict.keys(root):
             raise KeyError(f"{self._path!r} is not in the cache")
         return dict.__getitem__(root, self._path)
+
+    def __len__(self) -> int:
+        """Keys at the root; visits of the module at a path (like :class:`Entry`)."""
+        return dict.__len__(self) if self is self._root else len(self._entry())
 
     @property
     def output(self) -> Any:

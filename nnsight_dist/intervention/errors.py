@@ -24,6 +24,12 @@ class NotTracingError(NNsightError, ValueError):
     """A value was read or written outside of a trace (``.output`` at top level, say)."""
 
 
+class TraceSetupError(NNsightError, ValueError):
+    """A trace set up in a way that cannot run: no inputs at all, an invoke inside another
+    invoke, or an invoke declared after the body started the model (nnsight raises
+    ``ValueError`` for the first two)."""
+
+
 class ModulePathError(NNsightError, AttributeError):
     """A module path that does not exist in the model tree."""
 

@@ -22,6 +22,8 @@ runs the wait on the model's greenlet while the visit in progress stands still.
 from __future__ import annotations
 
 import functools
+import os
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
@@ -29,20 +31,22 @@ from greenlet import GreenletExit, getcurrent, greenlet
 
 from .batcher import Batcher
 from .errors import MissedProviderError, NotTracingError, OutOfOrderError
-from .mediator import Mediator, Wait
+from .mediator import Mediator, StepsExhausted, Wait
 from .seam import Seam
 
 
 class Site:
     """Visit bookkeeping of one location within the current run."""
 
-    __slots__ = ("location", "n", "step", "epoch")
+    __slots__ = ("location", "n", "step", "epoch", "extra")
 
     def __init__(self, location: str) -> None:
         self.location = location
         self.n = 0
         self.step = -1
         self.epoch = -1
+        #: Visits in a run beyond one per step (a streamer also sees the prompt: 1).
+        self.extra = 0
 
 
 class CallPoint:
@@ -319,7 +323,7 @@ class Interleaver:
     def _park(self, med: Mediator, wait: Wait) -> Any:
         med.parks += 1
         med.wait = wait
-        if wait.kind not in ("barrier", "remote"):
+        if wait.kind not in ("barrier", "remote", "beyond"):
             self.waiting.setdefault(wait.location, []).append(med)
         return self.main.switch()
 
@@ -339,13 +343,19 @@ class Interleaver:
         med.wait = Wait("", None, "sync", fn)
         return self.main.switch()
 
-    def _mediator(self, what: str) -> Mediator:
+    def _mediator(self, what: str, location: Optional[str] = None) -> Mediator:
+        """The mediator running now; one in a step loop past the run's steps parks for
+        good on its first use of ``location`` (:meth:`finish` cuts the loop)."""
         med = self.current
         if med is None or not self.active or getcurrent() is not med.greenlet:
             raise NotTracingError(
                 f"{what} is only available inside a trace: use it in the body of "
                 "`with model.trace(...)` (or of a `tracer.invoke(...)`)."
             )
+        if med.bound is not None and location is not None and med.iteration is not None \
+                and med.iteration >= med.bound + self._new_site(location).extra:
+            # Never asked of the model (on many ranks another stage would never serve it).
+            self._park(med, Wait(location, med.iteration, "beyond"))
         return med
 
     def _check(self, med: Mediator, location: str) -> tuple[Site, Optional[int], bool]:
@@ -372,7 +382,7 @@ class Interleaver:
 
     def request(self, location: str) -> Any:
         """The value at ``location`` for the current mediator (parks until it is reached)."""
-        med = self._mediator(f"reading {location}")
+        med = self._mediator(f"reading {location}", location)
         self.flush(med)
         seq = med.seq
         med.seq += 1
@@ -405,7 +415,7 @@ class Interleaver:
 
     def swap(self, location: str, value: Any) -> None:
         """Replace the value at ``location`` (for the current mediator's rows)."""
-        med = self._mediator(f"writing {location}")
+        med = self._mediator(f"writing {location}", location)
         self.flush(med)
         if location in self.seam.remote:
             return  # the owner stage applies writes; every other stage drops them
@@ -418,7 +428,7 @@ class Interleaver:
     def skip(self, path: str, value: Any) -> None:
         """Do not run the call point at ``path``; use ``value`` as its output."""
         location = path + ".input"
-        med = self._mediator(f"skipping {path}")
+        med = self._mediator(f"skipping {path}", location)
         self.flush(med)
         if location in self.seam.remote:
             return
@@ -458,7 +468,7 @@ class Interleaver:
         already had: the body waits for it inside the visit in progress (``synchronous``),
         as one process would run the call, instead of parking until the model moves on.
         """
-        med = self._mediator(f"calling {point.path}")
+        med = self._mediator(f"calling {point.path}", point.output.location)
         self.seam.check_call(point.path)
         seq = med.seq
         med.seq += 1
@@ -496,15 +506,26 @@ class Interleaver:
         self.main = getcurrent()
 
     def finish(self) -> None:
-        """End of the model run: every mediator still waiting gets its error (or ends quietly)."""
+        """End of the model run: every mediator still waiting gets its error, ends quietly
+        (after ``stop()``), or has its step loop cut (see :class:`.mediator.StepsExhausted`)."""
         for med in list(self.mediators):
             guard = 0
+            cut = None
             while med.greenlet is not None and not med.greenlet.dead and med.wait is not None:
                 wait = med.wait
                 self._unpark(med)
                 guard += 1
-                if self.stopped or (med.unbounded and wait.kind != "barrier") or guard > 100:
+                # After a cut ``with tracer.iter`` block, what waits again ends quietly (nnsight).
+                if self.stopped or cut is not None or guard > 100:
                     self._resume(med, None, GreenletExit())
+                    continue
+                if wait.kind == "beyond" or (med.looping and med.iteration and wait.kind != "barrier"):
+                    # A step loop asked for a step the run did not make: cut it (nnsight's rule).
+                    cut = StepsExhausted(wait.location, med.iteration)
+                    where = _user_line(med)
+                    self._resume(med, None, cut)
+                    if not cut.caught:
+                        warnings.warn_explicit(cut.warning(), UserWarning, *where)
                     continue
                 self._resume(med, None, MissedProviderError(_missed(wait, self.step + 1)))
         self.remote_waiting.clear()
@@ -553,6 +574,19 @@ class Interleaver:
         obs = Observer(fn, local, len(self.observer_list))
         self.observer_list.append(obs)
         self.observers.setdefault(location, []).append(obs)
+
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _user_line(med: Mediator) -> tuple[str, int]:
+    """File and line of the user's code where ``med`` is parked (for warnings)."""
+    frame = med.greenlet.gr_frame
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame = frame.f_back
+    if frame is None:
+        return __file__, 0
+    return frame.f_code.co_filename, frame.f_lineno
 
 
 def _index(med: Mediator) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from greenlet import greenlet
+from greenlet import GreenletExit, greenlet
 
 from .batcher import Group
 
@@ -25,10 +25,10 @@ class Wait:
 
     ``kind`` is ``"value"`` (read; ``payload`` is the request's sequence number),
     ``"remote"`` (a value from another stage; ``payload`` likewise), ``"swap"`` (write
-    ``payload``), ``"skip"`` (replace a module call by ``payload``), ``"barrier"``, or
+    ``payload``), ``"skip"`` (replace a module call by ``payload``), ``"barrier"``,
     ``"sync"`` (not a park: the model's greenlet runs the wait ``payload()`` for the body
-    inside the current visit). ``iteration`` is the visit index wanted, or ``None`` for the
-    next visit.
+    inside the current visit) or ``"beyond"`` (a step loop past the steps the run makes:
+    never served). ``iteration`` is the visit index wanted, or ``None`` for the next visit.
     """
 
     location: str
@@ -53,8 +53,12 @@ class Mediator:
         self.seq = 0
         #: Number of times the body parked (waited on the model).
         self.parks = 0
-        #: True inside ``tracer.all()``/``iter[:]``: running out of steps ends the body quietly.
-        self.unbounded = False
+        #: True inside a ``tracer.iter`` loop: a step the run never makes cuts the loop
+        #: (see :class:`StepsExhausted`) instead of raising ``MissedProviderError``.
+        self.looping = False
+        #: Inside a step loop of a run with a known number of steps (``max_new_tokens``): that
+        #: number. A visit index at or past it (plus a location's extra visits) never comes.
+        self.bound: Optional[int] = None
         #: A one-shot eproperty transform to apply when the body next parks.
         self.transform: Optional[tuple[str, Callable[[], Any]]] = None
 
@@ -64,3 +68,28 @@ class Mediator:
 
     def __repr__(self) -> str:
         return f"<mediator {self.name or self.index}>"
+
+
+class StepsExhausted(GreenletExit):
+    """Thrown into a mediator parked in a step loop for a step the run did not make.
+
+    A ``GreenletExit``: when nothing catches it, the mediator's body just ends.
+    ``caught`` is set by the ``with``-block form, which goes on after the block.
+    """
+
+    def __init__(self, location: str, step: int) -> None:
+        super().__init__(location, step)
+        self.location = location
+        self.step = step
+        self.caught = False
+
+    def warning(self) -> str:
+        """nnsight 0.8.1's warning for a ``for`` loop cut short, in our words."""
+        return (
+            f"{self.location} at iteration {self.step} was never reached: the loop asked for "
+            "a step the run did not make, so it was cut short; values saved inside the loop "
+            "are kept, and the statements after it did not run. An open `tracer.iter[:]` / "
+            "`tracer.all()` loop ends this way by design. To hold a generation to a bounded "
+            "loop's count, pass `min_new_tokens=`; put what follows the loop in a separate "
+            "`tracer.invoke()`."
+        )

@@ -19,15 +19,39 @@ _REGISTRIES: list[dict[int, Any]] = []
 
 
 def save(obj: T) -> T:
-    """Keep ``obj`` after the trace; returns ``obj`` itself. Outside a trace it is a no-op."""
-    if _REGISTRIES:
-        _REGISTRIES[-1][id(obj)] = obj
+    """Keep ``obj`` after the trace; returns ``obj`` itself. Outside a trace it is a no-op.
+
+    Registered with every running trace and session (not only the innermost), so a value
+    saved in a trace inside ``model.session()`` also outlives the session.
+    """
+    for registry in _REGISTRIES:
+        registry[id(obj)] = obj
     return obj
+
+
+def save_any(obj: T) -> T:
+    """What ``obj.save()`` means in a trace body (captured bodies call this instead).
+
+    A class that defines a ``save`` of its own (other than nnsight_dist's, and other than
+    one mounted on ``object`` by another library) keeps it: ``obj.save()`` calls it.
+    Everything else is saved with :func:`save`, so ``[].save()`` or ``(3).save()`` work
+    like in nnsight without a ``save`` attribute on every object.
+    """
+    for klass in type(obj).__mro__[:-1]:
+        method = klass.__dict__.get("save")
+        if method is not None:
+            if getattr(method, "_nnsight_dist", False):
+                break
+            return obj.save()
+    return save(obj)
 
 
 def _method_save(self: T) -> T:
     """Keep this value after the trace (``value.save()``); returns the value."""
     return save(self)
+
+
+_method_save._nnsight_dist = True
 
 
 def add_save_method(cls: type) -> None:

@@ -108,6 +108,8 @@ class TransformersModel(NNsight):
         self.__dict__["tokenizer"] = tokenizer
         self.__dict__["topology"] = topo
         self.__dict__["generator"] = GeneratorEnvoy(Generator(), self.interleaver, f"{self.path}.generator")
+        for key in ("input", "output"):  # the streamer sees the prompt, then each step
+            self.interleaver.sites[f"{self.path}.generator.streamer.{key}"].extra = 1
         if distributed:
             from ..distributed.replica import ReplicaSeam
 

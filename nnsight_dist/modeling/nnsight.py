@@ -1,7 +1,7 @@
 """``nd.NNsight(module)``: any torch module, traceable.
 
-The root of an Envoy tree plus the entry points: ``trace``, ``scan``, ``edit`` and
-``clear_edits``. It also says how inputs are prepared and batched: here, positional
+The root of an Envoy tree plus the entry points: ``trace``, ``scan``, ``session``,
+``edit`` and ``clear_edits``. It also says how inputs are prepared and batched: here, positional
 tensors of several invokes are concatenated along the first dimension. Subclasses
 (:class:`~nnsight_dist.modeling.language_model.LanguageModel`) batch prompts instead.
 """
@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..intervention.envoy import Envoy, EnvoyClasses, Rename
-from ..tracing.tracer import EditingTracer, InterleavingTracer, ScanningTracer
+from ..tracing.tracer import EditingTracer, InterleavingTracer, ScanningTracer, Session
 
 Batched = tuple[tuple, dict, list[Optional[tuple[int, int]]], Optional[int]]
 
@@ -38,6 +38,11 @@ class NNsight(Envoy):
     def scan(self, *inputs: Any, **kwargs: Any) -> ScanningTracer:
         """Like :meth:`trace`, on fake tensors: shapes and dtypes without computation."""
         return ScanningTracer(self, self._forward, inputs, kwargs)
+
+    def session(self) -> Session:
+        """A block whose traces run in turn and pass values to each other; only saved
+        values outlive it."""
+        return Session()
 
     def edit(self, *, inplace: bool = False) -> EditingTracer:
         """A block whose body becomes a default intervention of later traces.

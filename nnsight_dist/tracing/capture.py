@@ -1,18 +1,23 @@
-"""Capture of a ``with`` block's body as a function.
+"""Capture of a ``with`` block's body as code run later, in a scope of its own.
 
 ``with model.trace(...):`` must not run its body when Python reaches it: the body is an
 intervention that runs later, as a mediator, interleaved with the model. Capture does
-three things:
+four things:
 
 1. *Find* the body: parse the caller's source file and pick the ``with`` statement whose
-   header holds the line the caller is on.
-2. *Compile* it into a function ``__nd_body__()`` with the caller's file name and line
-   numbers, so tracebacks point at the user's own lines. Every name the body assigns is
-   declared ``global``, and the function's globals are a *namespace* shared by the whole
-   trace (the caller's globals and locals, copied). That is how an invoke sees the names
-   of the trace body around it, and how two invokes exchange values.
-3. *Skip* the body: a one-shot line-trace function raises :class:`SkipBody` on the
-   body's first line; the context manager's ``__exit__`` swallows it.
+   header holds the line the caller is on (a header may span several lines).
+2. *Compile* it as module-level code with the caller's file name and line numbers, so
+   tracebacks point at the user's own lines. Zero-argument ``x.save()`` calls are
+   rewritten into ``save_any(x)`` (:func:`..intervention.save.save_any`), so ``.save()``
+   works on any object (``[].save()``) without putting a method on every class.
+3. *Scope* it: a body runs in a :class:`Scope`, a snapshot of the enclosing names taken
+   when the block is entered. A ``tracer.invoke`` opened in a loop sees the loop
+   variable as it was at its entry, although it runs after the loop has ended. Names a
+   block binds also go to a store shared by the blocks of one trace, which is how an
+   invoke reads what another bound (behind a barrier) when the name was not in its own
+   snapshot; this is nnsight 0.8.1's rule.
+4. *Skip* it: a one-shot line-trace function raises :class:`SkipBody` on the body's
+   first line; the context manager's ``__exit__`` swallows it.
 
 After the trace, :func:`push_names` writes the saved names back into the caller's frame.
 Compiled bodies are cached per (code object, line), so a loop of traces compiles once.
@@ -21,18 +26,80 @@ Compiled bodies are cached per (code object, line), so a loop of traces compiles
 from __future__ import annotations
 
 import ast
+import copy
 import ctypes
 import linecache
 import sys
 from dataclasses import dataclass
 from types import CodeType, FrameType
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from ..intervention.errors import TracingSourceError
+from ..intervention.save import save_any
 
 
 class SkipBody(Exception):
     """Raised on the first line of a captured body so that Python does not execute it."""
+
+
+#: The name rewritten ``.save()`` calls use; resolved by every :class:`Scope`.
+_SAVE = "__nd_save__"
+
+
+class Scope(dict):
+    """The namespace one captured block runs in.
+
+    Lookups go, in order, to: this dict (a snapshot of the enclosing names taken when
+    the block was entered, plus the block's own bindings), the ``shared`` store of the
+    trace (names bound by the other blocks of the same trace), then ``outer`` (the
+    module's globals, or the enclosing block's scope). Bindings land here and in
+    ``shared``, and are remembered in ``written``: the candidates for writing back.
+    Module-level code reads and writes a dict subclass through ``__missing__`` and
+    ``__setitem__``, functions defined in the body see it as their globals.
+    """
+
+    def __init__(self, own: dict, shared: dict, outer: dict) -> None:
+        super().__init__(own)
+        self.shared = shared
+        self.outer = outer
+        self.written: dict[str, None] = {}
+
+    def __missing__(self, key: str) -> Any:
+        if key in self.shared:
+            return self.shared[key]
+        if key == _SAVE:
+            return save_any
+        return self.outer[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        dict.__setitem__(self, key, value)
+        self.shared[key] = value
+        self.written[key] = None
+
+    def __delitem__(self, key: str) -> None:
+        dict.__delitem__(self, key)
+        self.shared.pop(key, None)
+        self.written.pop(key, None)
+
+    def writes(self) -> dict[str, Any]:
+        """The names this block bound, with their current values."""
+        return {k: dict.__getitem__(self, k) for k in self.written if dict.__contains__(self, k)}
+
+
+def scope(frame: FrameType, shared: Optional[dict] = None) -> Scope:
+    """A new scope for a block entered in ``frame``: a snapshot of what ``frame`` sees.
+
+    In a block nested in another captured block (an invoke in a trace body), the snapshot
+    is the enclosing block's names and the shared store is the enclosing one's unless
+    ``shared`` is given (a trace inside a session gets a store of its own).
+    """
+    outer = frame.f_globals
+    if isinstance(outer, Scope):
+        own = dict(outer)
+        if frame.f_locals is not outer:  # a function defined in the enclosing body
+            own.update(frame.f_locals)
+        return Scope(own, outer.shared if shared is None else shared, outer)
+    return Scope(dict(frame.f_locals), {} if shared is None else shared, outer)
 
 
 @dataclass(frozen=True)
@@ -42,17 +109,20 @@ class Body:
     code: CodeType
     filename: str
     lineno: int
-    #: Names the body binds: the candidates for writing back into the caller's scope.
-    names: frozenset
+    #: Line of the body's first statement (below a header that may span several lines).
+    first: int
     #: The body is only ``pass``/constants: Python runs it outside the ``with`` block's
     #: exception handling, so it must not be skipped by raising (running it is harmless).
     trivial: bool = False
 
-    def bind(self, namespace: dict) -> Callable[[], Any]:
-        """Return the body as a function whose globals are ``namespace``."""
-        from types import FunctionType
+    def bind(self, namespace: Scope) -> Callable[[], Any]:
+        """Return the body as a function running in ``namespace``."""
+        code = self.code
 
-        return FunctionType(self.code, namespace, "__nd_body__")
+        def body() -> None:
+            exec(code, namespace)
+
+        return body
 
 
 _BODIES: dict[tuple[CodeType, int], Body] = {}
@@ -91,11 +161,12 @@ def _tree(filename: str, module_globals: dict) -> ast.Module:
 
 
 def _find_with(tree: ast.Module, line: int) -> ast.With:
+    """The innermost ``with`` whose header (``with`` line to the line before its body)
+    holds ``line``."""
     best = None
     for node in ast.walk(tree):
         if isinstance(node, (ast.With, ast.AsyncWith)):
-            first = node.body[0].lineno
-            if node.lineno <= line and (line < first or line == node.lineno):
+            if node.lineno <= line < node.body[0].lineno or line == node.lineno:
                 if best is None or node.lineno >= best.lineno:
                     best = node
     if best is None:
@@ -103,107 +174,52 @@ def _find_with(tree: ast.Module, line: int) -> ast.With:
     return best
 
 
-class _Assigned(ast.NodeVisitor):
-    """Names bound in a body's own scope (not inside nested functions or classes)."""
+class _SaveCalls(ast.NodeTransformer):
+    """``x.save()`` (no arguments) becomes ``__nd_save__(x)``, at the same location."""
 
-    def __init__(self) -> None:
-        self.names: set[str] = set()
-
-    def visit_Name(self, node: ast.Name) -> None:
-        if isinstance(node.ctx, (ast.Store, ast.Del)):
-            self.names.add(node.id)
-
-    def visit_FunctionDef(self, node: ast.FunctionDef) -> None:
-        self.names.add(node.name)
-        for deco in node.decorator_list:
-            self.visit(deco)
-
-    visit_AsyncFunctionDef = visit_FunctionDef
-
-    def visit_ClassDef(self, node: ast.ClassDef) -> None:
-        self.names.add(node.name)
-
-    def visit_Lambda(self, node: ast.Lambda) -> None:
-        return
-
-    def _comprehension(self, node: ast.AST) -> None:
-        # Only named expressions leak out of a comprehension's scope.
-        for sub in ast.walk(node):
-            if isinstance(sub, ast.NamedExpr) and isinstance(sub.target, ast.Name):
-                self.names.add(sub.target.id)
-
-    visit_ListComp = visit_SetComp = visit_DictComp = visit_GeneratorExp = _comprehension
-
-    def visit_alias(self, node: ast.alias) -> None:
-        self.names.add((node.asname or node.name).split(".")[0])
-
-    def visit_ExceptHandler(self, node: ast.ExceptHandler) -> None:
-        if node.name:
-            self.names.add(node.name)
+    def visit_Call(self, node: ast.Call) -> ast.AST:
         self.generic_visit(node)
+        func = node.func
+        if isinstance(func, ast.Attribute) and func.attr == "save" and not node.args and not node.keywords:
+            call = ast.Call(func=ast.Name(id=_SAVE, ctx=ast.Load()), args=[func.value], keywords=[])
+            return ast.copy_location(call, node)
+        return node
 
 
 def _compile(frame: FrameType) -> Body:
     filename = frame.f_code.co_filename
     node = _find_with(_tree(filename, frame.f_globals), frame.f_lineno)
-    finder = _Assigned()
-    for stmt in node.body:
-        finder.visit(stmt)
-    body: list[ast.stmt] = []
-    if finder.names:
-        body.append(ast.Global(names=sorted(finder.names)))
-    body.extend(node.body)
-    fn = ast.FunctionDef(
-        name="__nd_body__",
-        args=ast.arguments(posonlyargs=[], args=[], kwonlyargs=[], kw_defaults=[], defaults=[]),
-        body=body,
-        decorator_list=[],
-        returns=None,
-        **({"type_params": []} if sys.version_info >= (3, 12) else {}),
-    )
-    module = ast.Module(body=[fn], type_ignores=[])
-    ast.copy_location(fn, node.body[0])
-    for stmt in body[:1]:
-        ast.copy_location(stmt, node.body[0])
+    first = node.body[0].lineno
+    if first == node.lineno:
+        raise TracingSourceError(
+            f"{filename}:{node.lineno}: the body of a traced `with` must start on its own line"
+        )
+    # Rewrite copies of the statements: the cached tree stays as parsed.
+    body = [_SaveCalls().visit(copy.deepcopy(st)) for st in node.body]
+    module = ast.Module(body=body, type_ignores=[])
     ast.fix_missing_locations(module)
     try:
         code = compile(module, filename, "exec")
     except SyntaxError as e:
         raise TracingSourceError(f"cannot compile the body at {filename}:{node.lineno}: {e}") from e
-    fn_code = next(c for c in code.co_consts if isinstance(c, CodeType))
+    code = code.replace(co_name=frame.f_code.co_name)
     trivial = all(isinstance(st, ast.Pass) or (isinstance(st, ast.Expr) and isinstance(st.value, ast.Constant))
                   for st in node.body)
-    return Body(fn_code, filename, node.lineno, frozenset(finder.names), trivial)
+    return Body(code, filename, node.lineno, first, trivial)
 
 
-def namespace(frame: FrameType) -> dict:
-    """The namespace a body runs in: copies of the caller's globals and locals.
+def skip_body(frame: FrameType, first: int) -> Callable[[], None]:
+    """Arrange for ``frame`` to raise :class:`SkipBody` when it reaches line ``first``.
 
-    A body captured inside another body (an invoke in a trace) shares its namespace, so
-    invokes see the trace body's names and each other's.
-    """
-    if _SHARED in frame.f_globals:
-        return frame.f_globals
-    ns = dict(frame.f_globals)
-    if frame.f_locals is not frame.f_globals:
-        ns.update(frame.f_locals)
-    ns[_SHARED] = True
-    return ns
-
-
-_SHARED = "__nd_namespace__"
-
-
-def skip_body(frame: FrameType) -> Callable[[], None]:
-    """Arrange for ``frame`` to raise :class:`SkipBody` on its next line.
-
-    Returns a function that restores the tracing state that was there before; call it once
-    the ``SkipBody`` has been caught (a raising trace function unsets tracing).
+    Lines before ``first`` belong to the ``with`` header (which may span several lines,
+    and still has its ``as`` name to bind): they run. Returns a function that restores
+    the tracing state that was there before; call it once the ``SkipBody`` has been
+    caught (a raising trace function unsets tracing).
     """
     previous = sys.gettrace()
 
     def raiser(f: FrameType, event: str, arg: Any):
-        if event == "line" and f is frame:
+        if event == "line" and f is frame and f.f_lineno >= first:
             f.f_trace = None
             raise SkipBody()
         return raiser
@@ -223,11 +239,17 @@ def _ignore(frame: FrameType, event: str, arg: Any) -> None:
 
 
 def push_names(frame: FrameType, names: dict[str, Any]) -> None:
-    """Bind ``names`` in the caller's scope (module globals or function locals)."""
+    """Bind ``names`` in the caller's scope: module globals, function locals, or the
+    scope of an enclosing captured block (a trace inside a session)."""
     if not names:
         return
-    if frame.f_locals is frame.f_globals:
-        frame.f_globals.update(names)
+    target = frame.f_globals
+    if isinstance(target, Scope):
+        for k, v in names.items():
+            target[k] = v
+        return
+    if frame.f_locals is target:
+        target.update(names)
         return
     if sys.version_info >= (3, 13):
         for k, v in names.items():

@@ -2,20 +2,24 @@
 
 ``with model.trace(inputs) as tracer:`` captures its body (see :mod:`.capture`) and, when
 the block ends, runs it as the *trace body* mediator. ``with tracer.invoke(inputs):``
-blocks inside it become mediators of their own, each with its own rows of the batch; they
-are collected while the trace body runs up to its first request, then the model runs once
-on the batched inputs with every mediator interleaved. Saved names are written back into
-the caller's scope afterwards, also when the run failed.
+blocks inside it become mediators of their own, each with its own rows of the batch and
+its own scope (the names as they were when the invoke was entered); they are collected
+while the trace body runs up to its first request, then the model runs once on the
+batched inputs with every mediator interleaved. Saved names are written back into the
+caller's scope afterwards, also when the run failed.
 
 :class:`ScanningTracer` runs the same way on fake tensors (shapes, no compute);
-:class:`EditingTracer` stores its body as a default intervention of later traces.
+:class:`EditingTracer` stores its body as a default intervention of later traces;
+:class:`Session` runs its body at once, so that the traces in it run in turn and pass
+values to each other; :class:`StepBlock` is the ``with tracer.iter[...]:`` form.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from types import TracebackType
+import warnings
+from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import torch
@@ -23,12 +27,12 @@ import torch
 from ..config import CONFIG
 from ..intervention.cache import Cache, CacheDict
 from ..intervention.eproperty import eproperty
-from ..intervention.errors import NNsightError, NotTracingError
+from ..intervention.errors import NNsightError, NotTracingError, TraceSetupError
 from ..intervention.interleaver import Barrier, Interleaver
-from ..intervention.iteration import IteratorProxy, advance
-from ..intervention.mediator import Mediator
+from ..intervention.iteration import IteratorProxy, StepLoop, advance
+from ..intervention.mediator import Mediator, StepsExhausted
 from ..intervention import save as saving
-from .capture import SkipBody, capture, namespace, push_names, skip_body
+from .capture import Scope, SkipBody, capture, push_names, scope, skip_body
 
 if TYPE_CHECKING:
     from ..modeling.nnsight import NNsight
@@ -44,10 +48,14 @@ class _Block:
     """A ``with`` block whose body is captured instead of executed."""
 
     def __enter__(self) -> Any:
+        self._check()
         self._frame = sys._getframe(1)
         self._body = capture(self._frame)
-        self._restore = _nothing if self._body.trivial else skip_body(self._frame)
+        self._restore = _nothing if self._body.trivial else skip_body(self._frame, self._body.first)
         return self._entered()
+
+    def _check(self) -> None:
+        """Refuse to open the block here (before anything is armed); by default, never."""
 
     def _entered(self) -> Any:
         return self
@@ -58,13 +66,14 @@ class _Block:
             return False
         frame, self._frame = self._frame, None
         try:
-            self._captured(self._body.bind(namespace(frame)), frame)
+            # The body has not run: the names ``frame`` sees now are those at the entry.
+            self._captured(frame)
         except Exception as error:
             # Show the user's frames, not the library's, and not the SkipBody it came from.
             raise error.with_traceback(user_frames(error.__traceback__)) from None
         return True
 
-    def _captured(self, fn: Callable[[], Any], frame) -> None:
+    def _captured(self, frame: FrameType) -> None:
         raise NotImplementedError
 
 
@@ -102,8 +111,17 @@ class Invoker(_Block):
         self.args = args
         self.kwargs = kwargs
 
-    def _captured(self, fn: Callable[[], Any], frame) -> None:
-        self.tracer._add_invoke(fn, self.args, self.kwargs)
+    def _check(self) -> None:
+        current = self.tracer.interleaver.current
+        if current is not None and current is not self.tracer._root:
+            raise TraceSetupError(
+                f"tracer.invoke(...) inside {current.name}: invokes do not nest. Open every "
+                "invoke directly in the trace body."
+            )
+
+    def _captured(self, frame: FrameType) -> None:
+        sc = scope(frame)
+        self.tracer._add_invoke(self._body.bind(sc), sc, self.args, self.kwargs)
 
 
 class InterleavingTracer(_Block):
@@ -123,8 +141,11 @@ class InterleavingTracer(_Block):
         self._run = run
         self._args = args
         self._kwargs = kwargs
+        #: Steps the run makes at most (``max_new_tokens``), ``None`` when unknown.
         self._steps = steps
         self._invokes: list[tuple[Callable, tuple, dict]] = []
+        self._scopes: list[Scope] = []
+        self._root: Optional[Mediator] = None
         self._started = False
         self.interleaver._new_site("result")
 
@@ -147,12 +168,13 @@ class InterleavingTracer(_Block):
         raise EarlyStop()
 
     @property
-    def iter(self) -> IteratorProxy:
-        """``for step in tracer.iter[0:3]``: constrain the body to generation steps."""
-        return IteratorProxy(self.interleaver, self._steps)
+    def iter(self) -> "StepBlocks":
+        """``for step in tracer.iter[0:3]``: constrain the body to generation steps
+        (also ``with tracer.iter[0:3]:``, nnsight's deprecated block form)."""
+        return StepBlocks(self.interleaver, self._steps)
 
-    def all(self):
-        """Every generation step (``tracer.iter[:]``)."""
+    def all(self) -> "StepBlock":
+        """Every generation step (``tracer.iter[:]``), until the run ends."""
         return self.iter[:]
 
     def next(self, step: int = 1) -> None:
@@ -214,34 +236,37 @@ class InterleavingTracer(_Block):
 
     # ------------------------------------------------------------------ running
 
-    def _add_invoke(self, fn: Callable, args: tuple, kwargs: dict) -> None:
+    def _add_invoke(self, fn: Callable, sc: Scope, args: tuple, kwargs: dict) -> None:
         if self._started:
-            raise NNsightError(
+            raise TraceSetupError(
                 "tracer.invoke(...) came after the trace body had started the model; "
                 "declare every invoke before reading model values outside of invokes."
             )
         self._invokes.append((fn, args, kwargs))
+        self._scopes.append(sc)
 
-    def _captured(self, fn: Callable[[], Any], frame) -> None:
+    def _captured(self, frame: FrameType) -> None:
+        sc = scope(frame, shared={})
+        self._scopes = [sc]
         registry: dict[int, Any] = {}
         saving._REGISTRIES.append(registry)
-        ns = fn.__globals__
         try:
-            self._execute(fn)
+            self._execute(self._body.bind(sc))
         finally:
             saving._REGISTRIES.pop()
-            names = {
-                name: ns[name]
-                for name in self._body.names
-                if name in ns and (self._keep_all or id(ns[name]) in registry)
-            }
+            # Inside a session every name goes up to the session's scope; else the saved ones.
+            keep_all = self._keep_all or bool(saving._REGISTRIES)
+            names: dict[str, Any] = {}
+            for block in self._scopes:  # the trace body, then the invokes in order
+                names.update((k, v) for k, v in block.writes().items() if keep_all or id(v) in registry)
+            self._scopes = []
             push_names(frame, names)
 
     def _execute(self, body: Callable[[], Any]) -> None:
         il = self.interleaver
         if il.active:
             raise NNsightError("a trace is already running on this model: traces do not nest")
-        root = Mediator(body, None, "trace body")
+        root = self._root = Mediator(body, None, "trace body")
         root.index = _LAST
         il.begin(None)
         il.seam.begin()
@@ -251,7 +276,7 @@ class InterleavingTracer(_Block):
             self._started = True
             inputs = ([(self._args, {})] if self._args else []) + [(a, k) for _, a, k in self._invokes]
             if not inputs:
-                raise NNsightError(
+                raise TraceSetupError(
                     "nothing to run: give inputs to the trace (`model.trace(inputs)`) or to "
                     "at least one `tracer.invoke(inputs)`."
                 )
@@ -334,6 +359,59 @@ def _recorder(envoy: Any, key: str) -> Callable[[Any, int], None]:
     return record
 
 
+class StepBlock(StepLoop, _Block):
+    """``with tracer.iter[...]:`` / ``with tracer.all():``: the body runs once per step.
+
+    nnsight 0.8.1's deprecated block form, with its ``FutureWarning``. A step the run does
+    not make ends the block quietly and the statements after it run (see
+    :mod:`..intervention.iteration`).
+    """
+
+    def _captured(self, frame: FrameType) -> None:
+        warnings.warn_explicit(
+            "The `with tracer.iter[...]:` / `with tracer.all():` block form is deprecated (as "
+            "in nnsight); use `for step in tracer.iter[...]:` instead.",
+            FutureWarning, frame.f_code.co_filename, self._body.lineno,
+        )
+        sc = scope(frame)
+        body = self._body.bind(sc)
+        steps = self.steps()
+        try:
+            for _ in steps:
+                body()
+        except StepsExhausted as cut:
+            cut.caught = True
+        finally:
+            steps.close()  # restores the mediator's iteration now
+            push_names(frame, sc.writes())
+
+
+class StepBlocks(IteratorProxy):
+    """``tracer.iter``: its loops are also ``with`` blocks."""
+
+    loop = StepBlock
+
+
+class Session(_Block):
+    """``model.session()``: a block run at once, whose traces pass values to each other.
+
+    The traces inside run in turn, as Python reaches them; every name a trace binds is
+    visible to the rest of the session, saved or not. After the session only saved
+    values remain (nnsight 0.8.1's rule: the session is the save boundary).
+    """
+
+    def _captured(self, frame: FrameType) -> None:
+        sc = scope(frame, shared={})
+        registry: dict[int, Any] = {}
+        saving._REGISTRIES.append(registry)
+        try:
+            self._body.bind(sc)()
+        finally:
+            saving._REGISTRIES.pop()
+            keep_all = bool(saving._REGISTRIES)
+            push_names(frame, {k: v for k, v in sc.writes().items() if keep_all or id(v) in registry})
+
+
 class EditingTracer(_Block):
     """``model.edit()``: the body becomes a default intervention of every later trace."""
 
@@ -343,5 +421,5 @@ class EditingTracer(_Block):
     def _entered(self) -> Any:
         return self.target
 
-    def _captured(self, fn: Callable[[], Any], frame) -> None:
-        self.target._edits.append(fn)
+    def _captured(self, frame: FrameType) -> None:
+        self.target._edits.append(self._body.bind(scope(frame)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import LONG, SAME_LEN, SHORT, equal, hooked, pre_recorder, recorder
@@ -146,6 +147,13 @@ def test_cache_in_generate_one_value_per_step(tiny):
     assert len(layers) == 3
     for a, e in zip(layers, layer_steps):
         equal(a, e)
+    # One entry per step, by path and by attribute (nnsight 0.8.1: len(cache[path]) = steps).
+    head = cache["model.lm_head"]
+    assert len(head) == len(cache.model.lm_head) == 3
+    for i, e in enumerate(steps):
+        equal(head[i].output, e)
+    with pytest.raises(IndexError):
+        head[3]
 
 
 def test_cache_is_kept_without_save(llama):

@@ -6,6 +6,7 @@ The reference is ``generate`` on the separately loaded model, with a forward hoo
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import nnsight_dist as nd
@@ -58,10 +59,11 @@ def test_iter_slice(llama):
 
 
 def test_all(llama):
-    with llama.model.generate(PROMPT, **GEN) as tracer:
-        seen = nd.save([])
-        for step in tracer.all():
-            seen.append((step, llama.model.lm_head.output))
+    with pytest.warns(UserWarning, match="iteration 3 was never reached"):  # as nnsight 0.8.1
+        with llama.model.generate(PROMPT, **GEN) as tracer:
+            seen = nd.save([])
+            for step in tracer.all():
+                seen.append((step, llama.model.lm_head.output))
     _, logits = _reference(llama)
     assert [s for s, _ in seen] == list(range(STEPS))
     for step, value in seen:
@@ -134,13 +136,14 @@ def _force_eos(tiny):
     return hook
 
 
-def test_all_ends_quietly_when_generation_stops_early(tiny):
+def test_all_is_cut_when_generation_stops_early(tiny):
     eos = tiny.tok.eos_token_id
-    with tiny.model.generate(PROMPT, **GEN) as tracer:
-        steps = nd.save([])
-        for step in tracer.all():
-            tiny.model.lm_head.output[:, -1, eos] = tiny.model.lm_head.output.abs().max() * 10
-            steps.append(tiny.model.lm_head.output)
+    with pytest.warns(UserWarning, match="iteration 1 was never reached"):
+        with tiny.model.generate(PROMPT, **GEN) as tracer:
+            steps = nd.save([])
+            for step in tracer.all():
+                tiny.model.lm_head.output[:, -1, eos] = tiny.model.lm_head.output.abs().max() * 10
+                steps.append(tiny.model.lm_head.output)
     logits = []
     ids = tiny.ref_generate(PROMPT, (tiny.ref.lm_head, "forward", _force_eos(tiny)),
                             (tiny.ref.lm_head, "forward", recorder(logits)), **GEN)
@@ -159,3 +162,44 @@ def test_open_ended_loop_without_model_access_ends(tiny):
         tokens = tracer.result.save()
     assert count == [0]
     assert tokens.shape[-1] == 12
+
+
+def _cut_loops(model) -> dict:
+    """Step loops that outrun a 3-step generation: a ``for`` over ``all()`` and a ``with``
+    block over ``iter[1:5]``, both reading the last layer (stage 1 under pp=2)."""
+    import warnings
+
+    last = model.model.layers[3]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with model.generate(PROMPT, **GEN) as tracer:
+            steps = nd.save([])
+            for step in tracer.all():
+                steps.append(last.output[:, -1].clone())
+            after = nd.save([1])
+        with model.generate(PROMPT, **GEN) as tracer:
+            block = nd.save([])
+            with tracer.iter[1:5]:
+                block.append(last.output[:, -1].clone())
+            block_after = nd.save([1])
+    cuts = sum("was never reached" in str(w.message) for w in caught)
+    return {"steps": torch.stack(steps), "block": torch.stack(block), "cuts": torch.tensor(cuts),
+            "after": torch.tensor("after" in locals()), "block_after": torch.tensor("block_after" in locals())}
+
+
+def _cut_loops_rank(rank: int, path: str) -> dict:
+    return _cut_loops(nd.LanguageModel(path, pp=2))
+
+
+def test_cut_step_loops_pp2(tiny_dirs):
+    """A loop past the run's steps is cut the same way on two pipeline stages as in one
+    process: same values, one warning, no divergence between the stages."""
+    from nnsight_dist.testing.ranks import run_ranks
+
+    path = tiny_dirs["llama"]
+    single = _cut_loops(nd.LanguageModel(path))
+    assert single["cuts"] == 1 and not single["after"] and single["block_after"]
+    for got in run_ranks(_cut_loops_rank, 2, path, timeout=180, env={"NNSIGHT_DIST_TIMEOUT": "60"}):
+        assert got.keys() == single.keys()
+        for key in single:
+            torch.testing.assert_close(got[key], single[key], rtol=1e-4, atol=1e-6)
