@@ -101,6 +101,9 @@ class ReplicaSeam(Seam):
                     codec = self._codec(placement, location, key == "input", path)
                     if codec is not None:
                         self.codecs[location] = codec
+        if self.opaque:
+            # What the traced call returned holds the model's output (its key/value cache too).
+            self.codecs["result"] = self._codec(WHOLE, "tracer.result", False, "")
         self.log: list[tuple[int, int, str]] = []
         self._expected: Optional[dict[int, int]] = None
         self._observed: list = []
@@ -233,7 +236,10 @@ class ReplicaSeam(Seam):
         tensors is all-gathered and compared (one collective per whole value)."""
         if not self.checking or self.topo.tp == 1:
             return
-        mine = torch.tensor([_digest(value)], dtype=torch.long)
+        found = tensors(value)
+        if not found or any(_shape_only(t) for t in found):
+            return  # nothing to compare (a scan's tensors have no data)
+        mine = torch.tensor([_digest(found)], dtype=torch.long)
         parts = [torch.zeros(1, dtype=torch.long) for _ in range(self.topo.tp)]
         work = dist.all_gather(parts, mine, group=self.topo.group("tp"), async_op=True)
         self.failures.wait_work(work, f"the check of {location}", "its tensor-parallel group")
@@ -409,13 +415,12 @@ def _check_mode() -> bool:
     return os.environ.get("NNSIGHT_DIST_CHECK", "") not in ("", "0")
 
 
-def _digest(value: Any) -> int:
-    """A signed 64-bit blake2b digest of the dtype, shape and bytes of every tensor in ``value``."""
+def _digest(found: list[torch.Tensor]) -> int:
+    """A signed 64-bit blake2b digest of the dtypes, shapes and bytes of tensors."""
     h = hashlib.blake2b(digest_size=8)
-    for t in tensors(value):
+    for t in found:
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        if not _shape_only(t):
-            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return int.from_bytes(h.digest(), "little", signed=True)
 
 

@@ -68,16 +68,18 @@ def flatten(value: Any, prefix: str, out: dict) -> None:
 
 
 def read_all(model: nd.LanguageModel, order: list[tuple[str, str]]) -> dict:
-    """Every location of ``order``, read in one trace, flattened."""
+    """Every location of ``order``, then ``tracer.result``, read in one trace, flattened."""
     root = model.path
-    with model.trace(PROMPT):
+    with model.trace(PROMPT) as tracer:
         values = nd.save([])
         for path, key in order:
             envoy = model.get(path[len(root) + 1:])
             values.append(envoy.inputs if key == "input" else envoy.output)
+        values.append(tracer.result)
     out: dict = {}
     for (path, key), value in zip(order, values):
         flatten(value, f"{path}.{'inputs' if key == 'input' else 'output'}", out)
+    flatten(values[-1], "tracer.result", out)
     return out
 
 
