@@ -55,12 +55,14 @@ def shard_dim(placement: str) -> Optional[int]:
     return None
 
 
-def per_element(parts: dict[Key, str], mapping: bool = False) -> str:
-    """The placement string of a value with parts: a tuple's (``parts`` keyed 0, 1, ...,
-    every index listed) or, with ``mapping``, a mapping's or an input's."""
-    if not mapping:
-        assert list(parts) == list(range(len(parts))), parts
-        return "(" + ", ".join(parts.values()) + ")"
+def tuple_of(*placements: str) -> str:
+    """The placement of a tuple whose element ``i`` has ``placements[i]`` (later ones: local)."""
+    return "(" + ", ".join(placements) + ")"
+
+
+def mapping_of(parts: dict[Key, str]) -> str:
+    """The placement of a mapping, a ``ModelOutput`` or an input (positions and keywords)
+    whose named parts have these placements (the others: whole)."""
     return "{" + ", ".join(f"{k}: {v}" for k, v in parts.items()) + "}"
 
 

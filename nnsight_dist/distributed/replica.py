@@ -108,6 +108,7 @@ class ReplicaSeam(Seam):
         self._expected: Optional[dict[int, int]] = None
         self._observed: list = []
         self._fragments: list = []
+        self._checks: list = []
         self.attribute_reads = 0
         self.checking = _check_mode()
 
@@ -232,29 +233,36 @@ class ReplicaSeam(Seam):
 
     def verify(self, location: str, value: Any) -> None:
         """Check mode (``NNSIGHT_DIST_CHECK=1``): ``value``, served as whole at ``location``,
-        must be bit-identical on every rank of the tensor-parallel group; a digest of its
-        tensors is all-gathered and compared (one collective per whole value)."""
+        must be bit-identical on every rank of the tensor-parallel group. A digest of its
+        tensors is kept and the ranks compare theirs when the trace closes
+        (:meth:`_compare_checks`): one exchange per trace, and ranks that ran different code
+        still reach the divergence report instead of waiting in mismatched collectives."""
         if not self.checking or self.topo.tp == 1:
             return
         found = tensors(value)
-        if not found or any(_shape_only(t) for t in found):
-            return  # nothing to compare (a scan's tensors have no data)
-        mine = torch.tensor([_digest(found)], dtype=torch.long)
-        parts = [torch.zeros(1, dtype=torch.long) for _ in range(self.topo.tp)]
-        work = dist.all_gather(parts, mine, group=self.topo.group("tp"), async_op=True)
-        self.failures.wait_work(work, f"the check of {location}", "its tensor-parallel group")
-        digests = [int(p) for p in parts]
-        if len(set(digests)) == 1:
+        if found and not any(_shape_only(t) for t in found):  # a scan's tensors have no data
+            self._checks.append([location, _digest(found)])
+
+    def _compare_checks(self) -> None:
+        """Raise :class:`DivergenceError` naming the first whole value whose digests differ
+        between the ranks of the tensor-parallel group, and which ranks hold which."""
+        if not self.checking or self.topo.tp == 1:
             return
+        logs = all_gather_json(self._checks, self.topo.group("tp"), self.topo.tp, self.failures)
         ranks = [self.topo.rank_of(self.topo.pp_rank, t) for t in range(self.topo.tp)]
-        groups: dict[int, list[int]] = {}
-        for rank, digest in zip(ranks, digests):
-            groups.setdefault(digest, []).append(rank)
-        raise DivergenceError(
-            f"check mode: {location} is served as the whole value but differs between the ranks of its "
-            f"tensor-parallel group ({' vs '.join(str(g) for g in groups.values())} hold different values): "
-            "a fragment described as whole, or an edit that depends on the rank"
-        )
+        for i in range(max(len(log) for log in logs)):
+            entries = [tuple(log[i]) if i < len(log) else None for log in logs]
+            if len(set(entries)) == 1:
+                continue
+            groups: dict[Any, list[int]] = {}
+            for rank, entry in zip(ranks, entries):
+                groups.setdefault(entry, []).append(rank)
+            location = next(e[0] for e in entries if e is not None)
+            raise DivergenceError(
+                f"check mode: {location} was served as the whole value (check {i} of the trace) but differs "
+                f"between the ranks of its tensor-parallel group ({' vs '.join(map(str, groups.values()))} "
+                "hold different values): a fragment described as whole, or an edit that depends on the rank"
+            )
 
     def _check_same(self, theirs: str, mine: str, mediator: int, seq: int) -> None:
         if theirs != mine:
@@ -303,6 +311,7 @@ class ReplicaSeam(Seam):
         self._expected: Optional[dict[int, int]] = None
         self._observed: list = []
         self._fragments: list = []
+        self._checks: list = []
 
     def drain(self) -> None:
         """Take in every message of this trace (serving late arrivals); complete the sends.
@@ -345,8 +354,9 @@ class ReplicaSeam(Seam):
                 )
 
     def close(self) -> None:
-        """The digest barrier (see the module docstring)."""
+        """The digest barrier (see the module docstring), then check mode's comparison."""
         self._barrier()
+        self._compare_checks()
 
     def fail(self, error: BaseException) -> Optional[BaseException]:
         """Close a failed trace; returns the error to raise instead of ``error``, if any.

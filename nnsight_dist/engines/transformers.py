@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..distributed.placement import LOCAL, WHOLE, Placement, per_element, shard
+from ..distributed.placement import LOCAL, WHOLE, Placement, shard, tuple_of
 from ..distributed.topology import Topology
 from ..intervention.errors import UnshardableModel
 
@@ -263,7 +263,7 @@ def _attention_outputs(model: torch.nn.Module, styles: dict[str, Optional[str]])
     for name, module in model.named_modules():
         kid = {k: styles.get(f"{name}.{k}" if name else k) for k, _ in module.named_children()}
         if kid.get("q_proj") == "colwise" and kid.get("k_proj") == "colwise" and kid.get("o_proj") == "rowwise":
-            found[name] = per_element({0: WHOLE, 1: shard(ATTENTION_WEIGHTS_HEADS)})
+            found[name] = tuple_of(WHOLE, shard(ATTENTION_WEIGHTS_HEADS))
     return found
 
 
