@@ -141,13 +141,12 @@ def restored(value: Any) -> Any:
     """``value`` with every :class:`Refused` stand-in replaced by the fragment it hides."""
     if isinstance(value, Refused):
         return object.__getattribute__(value, "_local")
-    return _rebuild(value, restored)
+    return _rebuild(value, lambda _, part: restored(part))
 
 
-def _rebuild(value: Any, fn: Callable[[Any], Any], key_fn: Optional[Callable[[Key, Any], Any]] = None) -> Any:
+def _rebuild(value: Any, apply: Callable[[Key, Any], Any]) -> Any:
     """``value`` (a tuple, list or mapping) with each part ``p`` under key ``k`` replaced by
-    ``key_fn(k, p)`` (default ``fn(p)``); other values unchanged."""
-    apply = key_fn or (lambda _, p: fn(p))
+    ``apply(k, p)`` (the same object when nothing changed); other values unchanged."""
     if isinstance(value, (list, tuple)):
         items = [apply(i, v) for i, v in enumerate(value)]
         if all(a is b for a, b in zip(items, value)):
@@ -225,11 +224,11 @@ class LayoutCodec(Codec):
             default = LOCAL if tuple_form else WHOLE
             if self.on_input:
                 args, kwargs = value
-                args = _rebuild(args, None, lambda i, v: one(parts.get(i, WHOLE), f"{self.name}[0][{i}]")(v))
-                kwargs = _rebuild(kwargs, None, lambda k, v: one(parts.get(k, WHOLE), f"{self.name}[1][{k!r}]")(v))
+                args = _rebuild(args, lambda i, v: one(parts.get(i, WHOLE), f"{self.name}[0][{i}]")(v))
+                kwargs = _rebuild(kwargs, lambda k, v: one(parts.get(k, WHOLE), f"{self.name}[1][{k!r}]")(v))
                 value = (args, kwargs)
             elif isinstance(value, (tuple, list, dict)):
-                value = _rebuild(value, None, lambda k, v: one(parts.get(k, default), f"{self.location}[{k!r}]")(v))
+                value = _rebuild(value, lambda k, v: one(parts.get(k, default), f"{self.location}[{k!r}]")(v))
             else:
                 value = one(parts.get(0, WHOLE), self.location)(value)
         if gather and self.opaque:
@@ -241,7 +240,7 @@ class LayoutCodec(Codec):
             return Refused(where, value)
         if isinstance(value, Refused):
             return value
-        return _rebuild(value, None, lambda k, v: self._hide_opaque(v, f"{where}[{k!r}]"))
+        return _rebuild(value, lambda k, v: self._hide_opaque(v, f"{where}[{k!r}]"))
 
     def _one(self, t: Any, placement: str, where: str, gather: bool) -> Any:
         if placement == WHOLE or t is None:
@@ -325,5 +324,5 @@ def assemble(values: list, placement: str, on_input: bool, where: str) -> Any:
         kwargs = {k: join(table.get(k, WHOLE), f"{where} {k!r}")([v[1][k] for v in values]) for k in first[1]}
         return args, kwargs
     if isinstance(first, (tuple, list, dict)):
-        return _rebuild(first, None, lambda k, _: join(table.get(k, default), f"{where}[{k!r}]")([v[k] for v in values]))
+        return _rebuild(first, lambda k, _: join(table.get(k, default), f"{where}[{k!r}]")([v[k] for v in values]))
     return join(table.get(0, WHOLE), where)(values)
