@@ -60,7 +60,7 @@ records, summed over the ranks, what the router sent in the trace
 (``model.interleaver.seam.router.traffic``: kind -> [messages, payload bytes]; kinds
 ``v`` served values, ``o`` observed (cache) values, ``h`` hidden states, ``logits``,
 ``p`` attributes) and how many tensor-parallel gathers (all-gather / all-reduce of a
-fragmented location, ``TensorCodec._gather``) ran with how many bytes, and compares
+fragmented location, ``LayoutCodec._gather``) ran with how many bytes, and compares
 them with the minimum:
 
 * interventions: one message per served value of a stage-owned location, to each other

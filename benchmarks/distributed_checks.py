@@ -151,12 +151,12 @@ def gather_minimum(s: Any, name: str, reads: list[tuple[str, Any]]) -> int:
 @contextlib.contextmanager
 def count_gathers():
     """Count the tensor-parallel gathers of fragmented locations (and their bytes) meanwhile."""
-    cls = nd_placement.TensorCodec
+    cls = nd_placement.LayoutCodec
     original = cls._gather
     counts = [0, 0]
 
-    def counted(self, t):
-        out = original(self, t)
+    def counted(self, t, *how):
+        out = original(self, t, *how)
         if isinstance(t, torch.Tensor):
             counts[0] += 1
             counts[1] += out.numel() * out.element_size()

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from .failure import Failures
-from .placement import PARTIAL, shard_dim
+from .placement import assemble
 from .router import decode, encode
 from .topology import Topology
 
@@ -30,8 +30,6 @@ def all_gather_json(obj: Any, group: Any, n: int, failures: Failures) -> list:
     parts = [torch.zeros(width, dtype=torch.uint8) for _ in range(n)]
     failures.wait_work(dist.all_gather(parts, padded, group=group, async_op=True), "the divergence report", "the replica")
     return [json.loads(bytes(p[: int(s.item())].tolist()).decode()) for p, s in zip(parts, sizes)]
-
-
 
 
 def gather_cache(topo: Topology, failures: Failures, cache: Any, placements: dict, dst: int = 0) -> Any:
@@ -85,22 +83,7 @@ def gather_cache(topo: Topology, failures: Failures, cache: Any, placements: dic
         values = [p[1] for p in parts]
         if parts[0][2]:
             for visit in range(len(values[0])):
-                whole.add(path, key, _assemble([v[visit] for v in values], placement, key == "inputs"))
+                whole.add(path, key, assemble([v[visit] for v in values], placement, key == "inputs", f"{path}.{key}"))
         else:
-            whole.add(path, key, _assemble(values, placement, key == "inputs"))
+            whole.add(path, key, assemble(values, placement, key == "inputs", f"{path}.{key}"))
     return whole.cache
-
-
-def _assemble(values: list, placement: str, on_input: bool) -> Any:
-    """One value from its owners' fragments, in tensor-parallel order (the first when whole)."""
-    dim = shard_dim(placement)
-    if dim is None and placement != PARTIAL:
-        return values[0]
-
-    def join(ts: list) -> torch.Tensor:
-        return sum(ts[1:], ts[0]) if placement == PARTIAL else torch.cat(ts, dim=dim)
-
-    if on_input:
-        args, kwargs = values[0]
-        return (join([v[0][0] for v in values]), *args[1:]), kwargs
-    return join(values)

@@ -2,21 +2,35 @@
 
 An engine describes, per module, its *owner stage* (the pipeline stage that computes it;
 ``None`` when every stage does) and the tensor-parallel placement of its input and
-output: ``"whole"``, ``"shard(d)"`` (each rank of the stage holds a slice along
-dimension ``d``), ``"partial"`` (each holds a term of a sum not yet reduced) or
-``"local"`` (a fragment of a layout the engine does not describe, which is refused).
+output. A placement is a string:
+
+- ``"whole"``; ``"shard(d)"`` (each rank of the stage holds a slice along dimension
+  ``d``); ``"partial"`` (each holds a term of a sum not yet reduced); ``"local"`` (a
+  fragment of a layout the engine does not describe, which is refused);
+- per element, for values made of parts: ``"(whole, shard(1))"`` for a tuple (element
+  ``i`` has the ``i``-th placement; elements past the list are ``local``: a module that
+  computes on fragments returns nothing else whole), ``"{name: p, ...}"`` for a mapping or
+  a ``ModelOutput`` (unnamed fields are whole). A plain placement of an input applies to
+  its first argument; a per-element one names arguments by position and keywords by name.
+
 Fragmented placements get a codec: an all-gather (or all-reduce) makes the whole value,
-and a slice (or whole-on-one-rank, zeros elsewhere) makes the fragment again.
+and a slice (or whole-on-one-rank, zeros elsewhere) makes the fragment again. ``local``
+parts, and objects of the engine's *opaque* types (the key/value cache, which holds this
+rank's heads) anywhere in a value, are served as :class:`Refused` stand-ins that raise
+when used, and go back to the engine as they were.
 """
 
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
 
+from ..intervention.errors import NNsightError
 from ..intervention.seam import Codec
 from .failure import Failures
 from .router import _shape_only
@@ -25,6 +39,8 @@ WHOLE = "whole"
 PARTIAL = "partial"
 #: A tensor-parallel fragment whose layout the engine does not describe: never served.
 LOCAL = "local"
+
+Key = Union[int, str]
 
 
 def shard(dim: int) -> str:
@@ -37,6 +53,39 @@ def shard_dim(placement: str) -> Optional[int]:
     if placement.startswith("shard(") and placement.endswith(")"):
         return int(placement[6:-1])
     return None
+
+
+def tuple_of(*placements: str) -> str:
+    """The placement of a tuple whose element ``i`` has ``placements[i]`` (later ones: local)."""
+    return "(" + ", ".join(placements) + ")"
+
+
+def mapping_of(parts: dict[Key, str]) -> str:
+    """The placement of a mapping, a ``ModelOutput`` or an input (positions and keywords)
+    whose named parts have these placements (the others: whole)."""
+    return "{" + ", ".join(f"{k}: {v}" for k, v in parts.items()) + "}"
+
+
+@functools.lru_cache(maxsize=None)
+def elements(placement: str) -> Optional[tuple[bool, dict[Key, str]]]:
+    """``(is a tuple placement, {key: placement})`` of a per-element placement; ``None``
+    for a plain one. Integer keys are positions, others names."""
+    if not placement or placement[0] not in "({":
+        return None
+    inner = [p.strip() for p in re.split(r",\s*(?![^()]*\))", placement[1:-1]) if p.strip()]
+    if placement[0] == "(":
+        return True, dict(enumerate(inner))
+    parts: dict[Key, str] = {}
+    for item in inner:
+        key, value = (s.strip() for s in item.split(":", 1))
+        parts[int(key) if key.isdigit() else key] = value
+    return False, parts
+
+
+def fragmented(placement: str) -> bool:
+    """Whether any part of a value with this placement differs between tensor-parallel ranks."""
+    parts = elements(placement)
+    return placement != WHOLE if parts is None else any(p != WHOLE for p in parts[1].values()) or parts[0]
 
 
 @dataclass(frozen=True)
@@ -54,15 +103,83 @@ class Placement:
         return f"{self.path}: {stage}, ranks {list(self.ranks)}, input {self.input}, output {self.output}"
 
 
-class TensorCodec(Codec):
-    """Whole ⇄ fragment for one tensor-parallel placement over the stage's tp group.
+class Refused:
+    """Stands in for a tensor-parallel fragment whose layout the engine does not describe.
 
-    ``on_input`` codecs act on ``(args, kwargs)`` and transform the first argument only.
+    Serving the fragment would show one rank's part as if it were the whole value; the
+    stand-in raises :class:`NNsightError` naming the location at any use instead, and the
+    engine gets its fragment back when the value returns to the model.
+    """
+
+    __slots__ = ("_where", "_local")
+
+    def __init__(self, where: str, local: Any) -> None:
+        object.__setattr__(self, "_where", where)
+        object.__setattr__(self, "_local", local)
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        where = object.__getattribute__(self, "_where")
+        raise NNsightError(
+            f"{where} holds this rank's tensor-parallel fragment, and the engine does not say how the "
+            "fragments form the whole value: it is not shown (use another part of the value, or trace "
+            "with tp=1)"
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        self._refuse()
+
+    def __repr__(self) -> str:
+        return f"<refused: {object.__getattribute__(self, '_where')} is a tensor-parallel fragment>"
+
+    __setattr__ = __getitem__ = __setitem__ = __iter__ = __len__ = __call__ = __bool__ = _refuse
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __matmul__ = _refuse
+    __eq__ = __lt__ = __gt__ = __neg__ = __float__ = __int__ = __index__ = _refuse
+    __hash__ = None  # type: ignore[assignment]
+
+
+def restored(value: Any) -> Any:
+    """``value`` with every :class:`Refused` stand-in replaced by the fragment it hides."""
+    if isinstance(value, Refused):
+        return object.__getattribute__(value, "_local")
+    return _rebuild(value, lambda _, part: restored(part))
+
+
+def _rebuild(value: Any, apply: Callable[[Key, Any], Any]) -> Any:
+    """``value`` (a tuple, list or mapping) with each part ``p`` under key ``k`` replaced by
+    ``apply(k, p)`` (the same object when nothing changed); other values unchanged."""
+    if isinstance(value, (list, tuple)):
+        items = [apply(i, v) for i, v in enumerate(value)]
+        if all(a is b for a, b in zip(items, value)):
+            return value
+        if isinstance(value, tuple) and hasattr(value, "_fields"):
+            return type(value)(*items)
+        return type(value)(items) if isinstance(value, list) else tuple(items)
+    if isinstance(value, dict):
+        mapped = {k: apply(k, v) for k, v in value.items()}
+        if all(mapped[k] is v for k, v in value.items()):
+            return value
+        if type(value) is dict:
+            return mapped
+        try:
+            return type(value)(**mapped)
+        except TypeError:
+            return mapped
+    return value
+
+
+class LayoutCodec(Codec):
+    """Whole ⇄ fragment for one location's placement over the stage's tp group.
+
+    ``on_input`` codecs act on ``(args, kwargs)``. ``opaque`` types are objects that hold
+    fragments wherever they appear (served as :class:`Refused`).
     """
 
     def __init__(self, placement: str, group: Any, tp: int, tp_rank: int, failures: Failures,
-                 location: str, on_input: bool) -> None:
-        self.dim = shard_dim(placement)
+                 location: str, on_input: bool, opaque: tuple[type, ...] = ()) -> None:
+        self.placement = placement
+        self.parts = elements(placement)
+        #: For a plain shard or partial placement: its dimension / whether partial.
+        self.dim = shard_dim(placement) if self.parts is None else None
         self.partial = placement == PARTIAL
         self.group = group
         self.tp = tp
@@ -70,44 +187,142 @@ class TensorCodec(Codec):
         self.failures = failures
         self.location = location
         self.on_input = on_input
+        self.opaque = opaque
 
-    def _apply(self, value: Any, fn) -> Any:
-        if not self.on_input:
-            return fn(value)
-        args, kwargs = value
-        if args:
-            return (fn(args[0]), *args[1:]), kwargs
-        first = next(iter(kwargs))
-        return args, {**kwargs, first: fn(kwargs[first])}
+    @property
+    def name(self) -> str:
+        """How a user reaches the value: ``<path>.inputs`` (``(args, kwargs)``) or ``<path>.output``."""
+        return self.location + ("s" if self.on_input else "")
+
+    @property
+    def plain_fragment(self) -> bool:
+        """A plain sharded or partial output (one tensor per visit, for batched gathering)."""
+        return not self.on_input and (self.dim is not None or self.partial)
 
     def whole(self, local: Any) -> Any:
-        return self._apply(local, self._gather)
+        return self._walk(local, True)
 
     def fragment(self, whole: Any) -> Any:
-        return self._apply(whole, self._cut)
+        return self._walk(restored(whole), False)
 
-    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+    # ------------------------------------------------------------------ structure
+
+    def _walk(self, value: Any, gather: bool) -> Any:
+        """Apply each part's placement (``gather``: make it whole; else cut it again)."""
+        def one(placement: str, where: str) -> Callable[[Any], Any]:
+            return lambda t: self._one(t, placement, where, gather)
+
+        if self.parts is None and self.placement == WHOLE:
+            pass  # only opaque objects to hide
+        elif self.parts is None:
+            if self.on_input:
+                value = _first_argument(value, one(self.placement, f"{self.location} (first argument)"))
+            else:
+                value = one(self.placement, self.location)(value)
+        else:
+            tuple_form, parts = self.parts
+            default = LOCAL if tuple_form else WHOLE
+            if self.on_input:
+                args, kwargs = value
+                args = _rebuild(args, lambda i, v: one(parts.get(i, WHOLE), f"{self.name}[0][{i}]")(v))
+                kwargs = _rebuild(kwargs, lambda k, v: one(parts.get(k, WHOLE), f"{self.name}[1][{k!r}]")(v))
+                value = (args, kwargs)
+            elif isinstance(value, (tuple, list, dict)):
+                value = _rebuild(value, lambda k, v: one(parts.get(k, default), f"{self.location}[{k!r}]")(v))
+            else:
+                value = one(parts.get(0, WHOLE), self.location)(value)
+        if gather and self.opaque:
+            value = self._hide_opaque(value, self.name)
+        return value
+
+    def _hide_opaque(self, value: Any, where: str) -> Any:
+        if isinstance(value, self.opaque):
+            return Refused(where, value)
+        if isinstance(value, Refused):
+            return value
+        return _rebuild(value, lambda k, v: self._hide_opaque(v, f"{where}[{k!r}]"))
+
+    def _one(self, t: Any, placement: str, where: str, gather: bool) -> Any:
+        if placement == WHOLE or t is None:
+            return t
+        if placement == LOCAL:
+            return Refused(where, t) if gather else t
         if not isinstance(t, torch.Tensor):
             return t
+        dim = shard_dim(placement)
+        if gather:
+            return self._gather(t, dim, placement == PARTIAL, where)
+        return self._cut(t, dim, placement == PARTIAL)
+
+    # ------------------------------------------------------------------ tensors
+
+    def _gather(self, t: torch.Tensor, dim: Optional[int], partial: bool, where: str) -> torch.Tensor:
         if _shape_only(t):
             # A scan: the whole value's shape, without communication.
-            return t if self.partial else torch.cat([t] * self.tp, dim=self.dim)
+            return t if partial else torch.cat([t] * self.tp, dim=dim)
         t = t.contiguous()
-        if self.partial:
+        if partial:
             out = t.clone()
             work = dist.all_reduce(out, group=self.group, async_op=True)
-            self.failures.wait_work(work, f"the all-reduce of {self.location}", "its tensor-parallel group")
+            self.failures.wait_work(work, f"the all-reduce of {where}", "its tensor-parallel group")
             return out
         parts = [torch.empty_like(t) for _ in range(self.tp)]
         work = dist.all_gather(parts, t, group=self.group, async_op=True)
-        self.failures.wait_work(work, f"the all-gather of {self.location}", "its tensor-parallel group")
-        return torch.cat(parts, dim=self.dim)
+        self.failures.wait_work(work, f"the all-gather of {where}", "its tensor-parallel group")
+        return torch.cat(parts, dim=dim)
 
-    def _cut(self, t: torch.Tensor) -> torch.Tensor:
-        if not isinstance(t, torch.Tensor):
-            return t
-        if self.partial:
+    def _cut(self, t: torch.Tensor, dim: Optional[int], partial: bool) -> torch.Tensor:
+        if partial:
             return t if self.tp_rank == 0 else torch.zeros_like(t)
-        size = t.shape[self.dim] // self.tp
+        size = t.shape[dim] // self.tp
         # Contiguous: engines reshape their fragments with .view().
-        return t.narrow(self.dim, self.tp_rank * size, size).contiguous()
+        return t.narrow(dim, self.tp_rank * size, size).contiguous()
+
+
+def _first_argument(value: tuple[tuple, dict], fn: Callable[[Any], Any]) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` with ``fn`` applied to the first argument (positional, else keyword)."""
+    args, kwargs = value
+    if args:
+        return (fn(args[0]), *args[1:]), kwargs
+    if not kwargs:
+        return value
+    first = next(iter(kwargs))
+    return args, {**kwargs, first: fn(kwargs[first])}
+
+
+def _first_value(value: tuple[tuple, dict]) -> Any:
+    args, kwargs = value
+    return args[0] if args else next(iter(kwargs.values()), None)
+
+
+def assemble(values: list, placement: str, on_input: bool, where: str) -> Any:
+    """One value of ``where`` from its owners' fragments, in tensor-parallel order (the
+    first owner's when whole); ``local`` parts become :class:`Refused`."""
+    def join(placement: str, at: str) -> Callable[[list], Any]:
+        dim = shard_dim(placement)
+
+        def fn(parts: list) -> Any:
+            if placement == LOCAL:
+                return Refused(at, None)
+            if not isinstance(parts[0], torch.Tensor) or (dim is None and placement != PARTIAL):
+                return parts[0]
+            return sum(parts[1:], parts[0]) if placement == PARTIAL else torch.cat(parts, dim=dim)
+        return fn
+
+    parts = elements(placement)
+    first = values[0]
+    if parts is None:
+        if not on_input:
+            return join(placement, where)(values)
+        whole = join(placement, where)([_first_value(v) for v in values])
+        return _first_argument(first, lambda _: whole)
+    tuple_form, table = parts
+    default = LOCAL if tuple_form else WHOLE
+    if on_input:
+        args = tuple(join(table.get(i, WHOLE), f"{where} args[{i}]")([v[0][i] for v in values])
+                     for i in range(len(first[0])))
+        kwargs = {k: join(table.get(k, WHOLE), f"{where} {k!r}")([v[1][k] for v in values]) for k in first[1]}
+        return args, kwargs
+    if isinstance(first, (tuple, list, dict)):
+        return _rebuild(first, lambda k, _: join(table.get(k, default), f"{where}[{k!r}]")([v[k] for v in values]))
+    return join(table.get(0, WHOLE), where)(values)

@@ -9,7 +9,8 @@ engine's placements:
   a module (or one of its parameters) is waited for inside the visit in progress
   (:meth:`ReplicaSeam.wait_remote`), since the owner computes it from values the body
   already had;
-- fragmented locations of this stage get a :class:`~.placement.TensorCodec`;
+- fragmented locations of this stage get a :class:`~.placement.LayoutCodec` (at tp > 1,
+  every location does when the engine names opaque types, such as the key/value cache);
 - every value served at an owned (non-replicated) location is pushed to the other stages
   once, without being asked; the values a whole-value cache observes go together, in one
   message per other stage, when the trace drains.
@@ -34,11 +35,12 @@ import torch
 import torch.distributed as dist
 
 from ..intervention.errors import DivergenceError, NNsightError, RemoteError, RouterTimeout
+from ..intervention.batcher import tensors
 from ..intervention.interleaver import Interleaver
 from ..intervention.seam import Codec, Seam
 from .exchange import all_gather_json, gather_cache
 from .failure import Failures
-from .placement import LOCAL, PARTIAL, WHOLE, Placement, TensorCodec, shard
+from .placement import LOCAL, WHOLE, LayoutCodec, Placement, fragmented
 from .router import Router, _shape_only
 from .topology import Topology, at_exit
 
@@ -79,33 +81,52 @@ class ReplicaSeam(Seam):
 
     routing = True
 
-    def __init__(self, topo: Topology, placements: dict[str, Placement], interleaver: Interleaver) -> None:
+    def __init__(self, topo: Topology, placements: dict[str, Placement], interleaver: Interleaver,
+                 opaque: tuple[type, ...] = ()) -> None:
         super().__init__()
         self.topo = topo
         self.interleaver = interleaver
         self.router = shared_router(topo)
         self.failures = self.router.failures
+        self.opaque = opaque if topo.tp > 1 else ()
         self.owner: dict[str, Optional[int]] = {}
+        #: Locations of this stage whose value (or a part of it) differs between tp ranks.
+        self.fragmented: set[str] = set()
         for path, p in placements.items():
             for key, placement in (("input", p.input), ("output", p.output)):
                 location = f"{path}.{key}"
                 self.owner[location] = p.owner_stage
                 if p.owner_stage is not None and p.owner_stage != topo.pp_rank:
                     self.remote.add(location)
-                elif placement == LOCAL and topo.tp > 1:
-                    self.codecs[location] = Unplaced(location, path)
-                elif placement != WHOLE and topo.tp > 1:
-                    self.codecs[location] = TensorCodec(placement, topo.group("tp"), topo.tp, topo.tp_rank,
-                                                        self.failures, location, key == "input")
+                elif topo.tp > 1:
+                    if fragmented(placement):
+                        self.fragmented.add(location)
+                    codec = self._codec(placement, location, key == "input", path)
+                    if codec is not None:
+                        self.codecs[location] = codec
+        if self.opaque:
+            # What the traced call returned holds the model's output (its key/value cache too).
+            self.codecs["result"] = self._codec(WHOLE, "tracer.result", False, "")
         self.log: list[tuple[int, int, str]] = []
         self._expected: Optional[dict[int, int]] = None
         self._observed: list = []
         self._fragments: list = []
+        self._checks: list = []
         self.attribute_reads = 0
         #: Modules whose submodules run on different stages: no one rank can call them.
         self.spanning = _spanning(placements)
         #: Ad-hoc calls being waited for in :meth:`wait_remote` (nested waits are possible).
         self._calls: dict[tuple[int, int], str] = {}
+        self.checking = _check_mode()
+
+    def _codec(self, placement: str, location: str, on_input: bool, module: str) -> Optional[Codec]:
+        """The codec of a location of this stage (``None``: its value is whole as it is)."""
+        if placement == LOCAL:
+            return Unplaced(location, module)
+        if placement == WHOLE and not self.opaque:
+            return None
+        return LayoutCodec(placement, self.topo.group("tp"), self.topo.tp, self.topo.tp_rank, self.failures,
+                           location, on_input, self.opaque)
 
     # ------------------------------------------------------------------ seam
 
@@ -185,7 +206,7 @@ class ReplicaSeam(Seam):
         """Fragments a whole-value cache observes are gathered together when the run ends
         (one collective per dtype instead of one per visit); nothing waits on them before."""
         codec = self.codecs.get(location)
-        if not isinstance(codec, TensorCodec) or codec.on_input or not isinstance(value, torch.Tensor) \
+        if not isinstance(codec, LayoutCodec) or not codec.plain_fragment or not isinstance(value, torch.Tensor) \
                 or _shape_only(value):
             return False
         self._fragments.append((observer, visit, location, value.detach().clone(), codec))
@@ -219,7 +240,7 @@ class ReplicaSeam(Seam):
         holds a fragment the engine does not describe, and reading it is refused."""
         module = f"{path}.output"
         children = {name.split(".")[len(path.split("."))] for name in self.owner if name.startswith(path + ".")}
-        fragmented = any(loc.startswith(path + ".") for loc in self.codecs)
+        fragmented = any(loc.startswith(path + ".") for loc in self.fragmented)
         for name in names:
             for key in ("input", "output"):
                 location = f"{path}.{name}.{key}"
@@ -232,12 +253,12 @@ class ReplicaSeam(Seam):
                     self.codecs[location] = self.codecs[f"{path}.{child}.{key}"]
                 elif fragmented and child is None:
                     self.codecs[location] = Unplaced(location, path)
+                elif child is None and self.opaque:
+                    self.codecs[location] = self._codec(WHOLE, location, key == "input", path)
 
     def placement(self, location: str) -> str:
         codec = self.codecs.get(location)
-        if not isinstance(codec, TensorCodec):
-            return WHOLE
-        return PARTIAL if codec.partial else shard(codec.dim)
+        return codec.placement if isinstance(codec, LayoutCodec) else WHOLE
 
     def gather_cache(self, cache: Any, placements: dict, dst: int) -> Any:
         return gather_cache(self.topo, self.failures, cache, placements, dst)
@@ -247,6 +268,39 @@ class ReplicaSeam(Seam):
         # one message per other stage when the trace drains.
         if self.owner.get(location) is not None:
             self._observed.append([observer, visit, value])
+
+    def verify(self, location: str, value: Any) -> None:
+        """Check mode (``NNSIGHT_DIST_CHECK=1``): ``value``, served as whole at ``location``,
+        must be bit-identical on every rank of the tensor-parallel group. A digest of its
+        tensors is kept and the ranks compare theirs when the trace closes
+        (:meth:`_compare_checks`): one exchange per trace, and ranks that ran different code
+        still reach the divergence report instead of waiting in mismatched collectives."""
+        if not self.checking or self.topo.tp == 1:
+            return
+        found = tensors(value)
+        if found and not any(_shape_only(t) for t in found):  # a scan's tensors have no data
+            self._checks.append([location, _digest(found)])
+
+    def _compare_checks(self) -> None:
+        """Raise :class:`DivergenceError` naming the first whole value whose digests differ
+        between the ranks of the tensor-parallel group, and which ranks hold which."""
+        if not self.checking or self.topo.tp == 1:
+            return
+        logs = all_gather_json(self._checks, self.topo.group("tp"), self.topo.tp, self.failures)
+        ranks = [self.topo.rank_of(self.topo.pp_rank, t) for t in range(self.topo.tp)]
+        for i in range(max(len(log) for log in logs)):
+            entries = [tuple(log[i]) if i < len(log) else None for log in logs]
+            if len(set(entries)) == 1:
+                continue
+            groups: dict[Any, list[int]] = {}
+            for rank, entry in zip(ranks, entries):
+                groups.setdefault(entry, []).append(rank)
+            location = next(e[0] for e in entries if e is not None)
+            raise DivergenceError(
+                f"check mode: {location} was served as the whole value (check {i} of the trace) but differs "
+                f"between the ranks of its tensor-parallel group ({' vs '.join(map(str, groups.values()))} "
+                "hold different values): a fragment described as whole, or an edit that depends on the rank"
+            )
 
     def _check_same(self, theirs: str, mine: str, mediator: int, seq: int) -> None:
         if theirs != mine:
@@ -290,12 +344,14 @@ class ReplicaSeam(Seam):
         if not dist.is_initialized():
             raise RemoteError(-1, "the process group was torn down after a rank failed in an earlier trace: "
                                   "the job cannot trace any more; restart it")
+        self.checking = _check_mode()
         self.router.on_message = self._arrived
         self.router.next_trace()
         self.log = []
         self._expected: Optional[dict[int, int]] = None
         self._observed: list = []
         self._fragments: list = []
+        self._checks: list = []
 
     def drain(self) -> None:
         """Take in every message of this trace (serving late arrivals); complete the sends.
@@ -338,8 +394,9 @@ class ReplicaSeam(Seam):
                 )
 
     def close(self) -> None:
-        """The digest barrier (see the module docstring)."""
+        """The digest barrier (see the module docstring), then check mode's comparison."""
         self._barrier()
+        self._compare_checks()
 
     def fail(self, error: BaseException) -> Optional[BaseException]:
         """Close a failed trace; returns the error to raise instead of ``error``, if any.
@@ -413,6 +470,20 @@ def _spanning(placements: dict[str, Placement]) -> dict[str, list[int]]:
         for i in range(1, len(parts) + 1):
             stages.setdefault(".".join(parts[:i]), set()).add(p.owner_stage)
     return {path: sorted(found) for path, found in stages.items() if len(found) > 1 and path in placements}
+
+
+def _check_mode() -> bool:
+    """Whether ``NNSIGHT_DIST_CHECK`` asks for :meth:`ReplicaSeam.verify` (read per trace)."""
+    return os.environ.get("NNSIGHT_DIST_CHECK", "") not in ("", "0")
+
+
+def _digest(found: list[torch.Tensor]) -> int:
+    """A signed 64-bit blake2b digest of the dtypes, shapes and bytes of tensors."""
+    h = hashlib.blake2b(digest_size=8)
+    for t in found:
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(h.digest(), "little", signed=True)
 
 
 def _communication(error: BaseException) -> bool:

@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..distributed.placement import LOCAL, WHOLE, Placement, shard
+from ..distributed.placement import LOCAL, WHOLE, Placement, shard, tuple_of
 from ..distributed.topology import Topology
 from ..intervention.errors import UnshardableModel
 
@@ -202,10 +202,12 @@ def placements(model: torch.nn.Module, topo: Topology, root: str = "model") -> d
 
     styles = {name: next((v for rx, v in patterns if rx.match(name)), None) for name, _ in model.named_modules()}
     between = _between_parallel_layers(model, styles)
+    attention = _attention_outputs(model, styles)
     table = {}
     for name, _ in model.named_modules():
         stage = owner(name)
         inp, out = between.get(name) or STYLES.get(styles[name], (WHOLE, WHOLE))
+        out = attention.get(name, out)
         stages = range(topo.pp) if stage is None else [stage]
         ranks = tuple(topo.rank_of(s, t) for s in stages for t in range(topo.tp))
         path = f"{root}.{name}" if name else root
@@ -239,6 +241,41 @@ def _between_parallel_layers(model: torch.nn.Module, styles: dict[str, Optional[
                 for sub, _ in child.named_modules():
                     found[f"{child_name}.{sub}" if sub else child_name] = (placed, placed)
     return found
+
+
+#: The dimension of the heads in the attention weights transformers' attention functions
+#: return (``eager_attention_forward``: ``[batch, heads, query, key]``).
+ATTENTION_WEIGHTS_HEADS = 1
+
+
+def _attention_outputs(model: torch.nn.Module, styles: dict[str, Optional[str]]) -> dict[str, str]:
+    """The output placement of each tensor-parallel attention: ``(whole, shard(1))``.
+
+    A transformers attention returns ``(attn_output, attn_weights)``. ``attn_output`` comes
+    out of the row-parallel ``o_proj`` (reduced: whole); the weights are computed per head
+    from the column-parallel ``q_proj``/``k_proj`` outputs, whose columns are this rank's
+    heads, so each rank holds its heads: a shard along the heads dimension. An attention is
+    a module with column-parallel ``q_proj`` and ``k_proj`` and a row-parallel ``o_proj`` in
+    the plan. Another module with column- and row-parallel children (an MLP) returns the
+    row-parallel output: whole, as the plan says.
+    """
+    found = {}
+    for name, module in model.named_modules():
+        kid = {k: styles.get(f"{name}.{k}" if name else k) for k, _ in module.named_children()}
+        if kid.get("q_proj") == "colwise" and kid.get("k_proj") == "colwise" and kid.get("o_proj") == "rowwise":
+            found[name] = tuple_of(WHOLE, shard(ATTENTION_WEIGHTS_HEADS))
+    return found
+
+
+def opaque_types(topo: Topology) -> tuple[type, ...]:
+    """Objects holding tensor-parallel fragments wherever they appear in a value: at tp > 1
+    the key/value cache holds the key and value states of this rank's heads (the plan's
+    column-parallel ``k_proj``/``v_proj``), in a structure no codec assembles."""
+    if topo.tp == 1:
+        return ()
+    from transformers.cache_utils import Cache
+
+    return (Cache,)
 
 
 def attach_pipeline(model: torch.nn.Module, topo: Topology, interleaver: Any, router: Any, root: str = "model") -> None:

@@ -215,6 +215,7 @@ class Interleaver:
         whole = None
         if location in self.waiting:
             whole = value if codec is None else codec.whole(value)
+            self.seam.verify(location, whole)
             whole = self._serve(location, whole, site)
             value = whole if codec is None else codec.fragment(whole)
         observers = self.observers.get(location)
@@ -227,6 +228,7 @@ class Interleaver:
                     if codec is not None and self.seam.defer(obs, site.n, location, value):
                         continue  # assembled with the run's other fragments when it ends
                     whole = value if codec is None else codec.whole(value)
+                    self.seam.verify(location, whole)
                 obs.fn(whole, site.n)
                 if self.seam.routing:
                     self.seam.observed(obs.index, site.n, location, whole)
@@ -490,6 +492,7 @@ class Interleaver:
         codec = codecs.get(point.output.location)
         if codec is not None:
             out = codec.whole(out)
+            self.seam.verify(point.output.location, out)
         if self.seam.routing:
             self.seam.served(med.index, seq, point.output.location, out)
         return out

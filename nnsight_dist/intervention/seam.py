@@ -64,6 +64,10 @@ class Seam:
     def observed(self, observer: int, visit: int, location: str, value: Any) -> None:
         """An owned value of ``location`` passed observer ``observer`` at visit ``visit``."""
 
+    def verify(self, location: str, value: Any) -> None:
+        """``value`` is about to be served as the whole value of ``location`` (check mode
+        compares it across the ranks that hold it)."""
+
     def attribute(self, path: str, name: str, local: Callable[[], Any]) -> Any:
         """The attribute ``name`` of the module at ``path``; ``local()`` reads it here.
 

@@ -114,7 +114,7 @@ class TransformersModel(NNsight):
             from ..distributed.replica import ReplicaSeam
 
             table = engine_impl.placements(module, topo, self.path)
-            seam = ReplicaSeam(topo, table, self.interleaver)
+            seam = ReplicaSeam(topo, table, self.interleaver, engine_impl.opaque_types(topo))
             self.interleaver.seam = seam
             engine_impl.attach_pipeline(module, topo, self.interleaver, seam.router, self.path)
             self.__dict__["_placements"] = table
