@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 import torch.distributed as dist
 
+from ..intervention.batcher import rebuild
 from ..intervention.errors import NNsightError
 from ..intervention.seam import Codec
 from .failure import Failures
@@ -141,30 +142,7 @@ def restored(value: Any) -> Any:
     """``value`` with every :class:`Refused` stand-in replaced by the fragment it hides."""
     if isinstance(value, Refused):
         return object.__getattribute__(value, "_local")
-    return _rebuild(value, lambda _, part: restored(part))
-
-
-def _rebuild(value: Any, apply: Callable[[Key, Any], Any]) -> Any:
-    """``value`` (a tuple, list or mapping) with each part ``p`` under key ``k`` replaced by
-    ``apply(k, p)`` (the same object when nothing changed); other values unchanged."""
-    if isinstance(value, (list, tuple)):
-        items = [apply(i, v) for i, v in enumerate(value)]
-        if all(a is b for a, b in zip(items, value)):
-            return value
-        if isinstance(value, tuple) and hasattr(value, "_fields"):
-            return type(value)(*items)
-        return type(value)(items) if isinstance(value, list) else tuple(items)
-    if isinstance(value, dict):
-        mapped = {k: apply(k, v) for k, v in value.items()}
-        if all(mapped[k] is v for k, v in value.items()):
-            return value
-        if type(value) is dict:
-            return mapped
-        try:
-            return type(value)(**mapped)
-        except TypeError:
-            return mapped
-    return value
+    return rebuild(value, lambda _, part: restored(part))
 
 
 class LayoutCodec(Codec):
@@ -224,11 +202,11 @@ class LayoutCodec(Codec):
             default = LOCAL if tuple_form else WHOLE
             if self.on_input:
                 args, kwargs = value
-                args = _rebuild(args, lambda i, v: one(parts.get(i, WHOLE), f"{self.name}[0][{i}]")(v))
-                kwargs = _rebuild(kwargs, lambda k, v: one(parts.get(k, WHOLE), f"{self.name}[1][{k!r}]")(v))
+                args = rebuild(args, lambda i, v: one(parts.get(i, WHOLE), f"{self.name}[0][{i}]")(v))
+                kwargs = rebuild(kwargs, lambda k, v: one(parts.get(k, WHOLE), f"{self.name}[1][{k!r}]")(v))
                 value = (args, kwargs)
             elif isinstance(value, (tuple, list, dict)):
-                value = _rebuild(value, lambda k, v: one(parts.get(k, default), f"{self.location}[{k!r}]")(v))
+                value = rebuild(value, lambda k, v: one(parts.get(k, default), f"{self.location}[{k!r}]")(v))
             else:
                 value = one(parts.get(0, WHOLE), self.location)(value)
         if gather and self.opaque:
@@ -240,7 +218,7 @@ class LayoutCodec(Codec):
             return Refused(where, value)
         if isinstance(value, Refused):
             return value
-        return _rebuild(value, lambda k, v: self._hide_opaque(v, f"{where}[{k!r}]"))
+        return rebuild(value, lambda k, v: self._hide_opaque(v, f"{where}[{k!r}]"))
 
     def _one(self, t: Any, placement: str, where: str, gather: bool) -> Any:
         if placement == WHOLE or t is None:
@@ -324,5 +302,5 @@ def assemble(values: list, placement: str, on_input: bool, where: str) -> Any:
         kwargs = {k: join(table.get(k, WHOLE), f"{where} {k!r}")([v[1][k] for v in values]) for k in first[1]}
         return args, kwargs
     if isinstance(first, (tuple, list, dict)):
-        return _rebuild(first, lambda k, _: join(table.get(k, default), f"{where}[{k!r}]")([v[k] for v in values]))
+        return rebuild(first, lambda k, _: join(table.get(k, default), f"{where}[{k!r}]")([v[k] for v in values]))
     return join(table.get(0, WHOLE), where)(values)

@@ -23,13 +23,24 @@ def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     """Apply ``fn`` to every tensor in a nest of tuples, lists and dicts."""
     if isinstance(value, torch.Tensor):
         return fn(value)
+    return rebuild(value, lambda _, part: map_tensors(part, fn))
+
+
+def rebuild(value: Any, apply: Callable[[Any, Any], Any]) -> Any:
+    """``value`` (a tuple, list or mapping) with each part ``p`` under index or key ``k``
+    replaced by ``apply(k, p)``: the same object when nothing changed, else one of the same
+    type (named tuples and ``ModelOutput``s included). Other values are returned as they are."""
     if isinstance(value, (list, tuple)):
-        items = [map_tensors(v, fn) for v in value]
+        items = [apply(i, v) for i, v in enumerate(value)]
+        if all(a is b for a, b in zip(items, value)):
+            return value
         if isinstance(value, tuple) and hasattr(value, "_fields"):
             return type(value)(*items)
         return type(value)(items) if isinstance(value, list) else tuple(items)
     if isinstance(value, dict):
-        mapped = {k: map_tensors(v, fn) for k, v in value.items()}
+        mapped = {k: apply(k, v) for k, v in value.items()}
+        if all(mapped[k] is v for k, v in value.items()):
+            return value
         if type(value) is dict:
             return mapped
         try:
