@@ -121,10 +121,21 @@ class EnvoySource:
 
     @classmethod
     def of_module(cls, envoy: "Envoy") -> "EnvoySource":
-        """Rewrite ``envoy``'s forward so its operations become call points."""
-        point = envoy._point
+        """Rewrite ``envoy``'s forward so its operations become call points.
+
+        A module standing in for one that runs elsewhere (a pipeline stage's placeholder
+        for another stage's layer) names the real forward as its ``source_forward``: its
+        operations are listed and registered (their values come from where they run), and
+        the stand-in's own forward is left as it is.
+        """
+        point, module = envoy._point, envoy._module
+        stands_in_for = module.__dict__.get("source_forward")
+        if stands_in_for is not None:
+            listing, _ = cls.instrument(MethodType(stands_in_for, module), envoy.path, f"{envoy.path}.source",
+                                        envoy.interleaver)
+            return listing
         listing, point.forward = cls.instrument(
-            point.forward, envoy.path, f"{envoy.path}.source", envoy.interleaver, envoy._module
+            point.forward, envoy.path, f"{envoy.path}.source", envoy.interleaver, module
         )
         return listing
 

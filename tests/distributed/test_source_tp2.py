@@ -1,7 +1,8 @@
-""".source operations under tensor parallelism: an operation whose value is exactly a child
-module's call (the call, or an assignment of its whole value) is served whole and equals a
-single-process run; an operation on a fragment whose placement the engine does not describe
-(a call or an assignment) is refused on every rank."""
+""".source operations under tensor and pipeline parallelism: an operation whose value is
+exactly a child module's call (the call, or an assignment of its whole value) is served whole
+and equals a single-process run; an operation on a fragment whose placement the engine does
+not describe (a call or an assignment) is refused on every rank; operations of a later
+pipeline stage (assignments too) are served and edited on every stage."""
 
 from __future__ import annotations
 
@@ -83,6 +84,31 @@ def test_assignment_of_a_sharded_child_output_tp2(tmp_path, monkeypatch):
     expected = _colwise_bound_values(nd.LanguageModel(path))
     assert not torch.equal(expected["edited_logits"], plain)
     for values in run_ranks(_tp2_colwise_bound_values, 2, path, timeout=180):
+        for key, value in expected.items():
+            torch.testing.assert_close(values[key], value, msg=key)
+
+
+def _stage1_values(model) -> dict[str, torch.Tensor]:
+    """Assignment and call operations of a layer on the last pipeline stage, read and edited."""
+    layer = model.model.layers[3]
+    outer, inner = layer.source, layer.self_attn.source  # both rewritten before the run reaches them
+    v: dict[str, torch.Tensor] = {}
+    with model.trace(PROMPT):
+        v["bound"] = inner.attn_output_1.output.clone().save()
+        v["residual"] = outer.hidden_states_1.output.clone().save()  # `residual + hidden_states`
+        outer.hidden_states_1.output = outer.hidden_states_1.output * 0.5
+        v["edited_logits"] = model.lm_head.output.save()
+    return v
+
+
+def _pp2_stage1_values(rank: int, path: str) -> dict[str, torch.Tensor]:
+    return _stage1_values(nd.LanguageModel(path, pp=2))
+
+
+def test_stage1_operations_pp2(tmp_path):
+    path = nd.testing.make_tiny_model(str(tmp_path))
+    expected = _stage1_values(nd.LanguageModel(path))
+    for values in run_ranks(_pp2_stage1_values, 2, path, timeout=180):
         for key, value in expected.items():
             torch.testing.assert_close(values[key], value, msg=key)
 
