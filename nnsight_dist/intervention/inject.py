@@ -44,8 +44,8 @@ assignment visits its value, then its targets, then names itself. Calls in the f
 own parameter defaults and annotations and in nested ``def`` annotations are named too (as
 nnsight does) but never rewritten: the function's defaults are the original function's,
 and an annotation is never an operation that fires here. ``lines`` keeps the naming order;
-its line numbers are 1-based in ``source``, which is the function's text as
-:func:`inspect.getsource` gives it (decorator lines included), dedented.
+its line numbers are 1-based in ``source``, which is the text of the function's code
+object as :func:`inspect.getsourcelines` gives it (decorator lines included), dedented.
 
 What is rewritten: every call and assignment in the function body, including those inside
 nested functions, lambdas, comprehensions and nested decorators/defaults (such operations
@@ -68,8 +68,12 @@ calls a placeholder constant that is replaced by ``call`` in the compiled code o
 nothing is added to the module and ``locals()`` inside the function shows only its own
 variables.
 
-Decorators: the function is unwrapped to the innermost ``__wrapped__`` function and its
-decorators are stripped. Decorator behaviour is *dropped* for injected functions: e.g.
+Decorators are peeled as nnsight peels them (so both list the same function): a wrapper
+whose source calls exactly one of its free variables that holds a Python function is
+replaced by that function, repeatedly. A wrapper that calls several (transformers'
+``@dynamic_rope_update``) or none (a dispatcher) is itself the function rewritten, with its
+closure, so its behaviour stays and the function it calls is an operation. The behaviour of
+peeled decorators is *dropped* (nnsight rebuilds them around the rewritten function): e.g.
 transformers' ``@can_return_tuple``, ``@merge_with_config_defaults`` and
 ``@capture_outputs`` no longer apply, and ``GradientCheckpointingLayer`` subclasses lose
 their gradient-checkpointing ``forward`` wrapper.
@@ -320,10 +324,43 @@ def _receiver(node: ast.FunctionDef | ast.AsyncFunctionDef) -> tuple[str | None,
     return first, reassigned
 
 
+def _peel_index(wrapper: types.FunctionType) -> int | None:
+    """The closure cell of ``wrapper`` holding the function it decorates, or ``None``
+    (nnsight's rule: the one free variable holding a Python function that its source calls
+    by name; none or several is no decorated function)."""
+    code = wrapper.__code__
+    if not code.co_freevars:
+        return None
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(code)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    called = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    candidates = [
+        i for i, (name, cell) in enumerate(zip(code.co_freevars, wrapper.__closure__ or ()))
+        if name in called and isinstance(getattr(cell, "cell_contents", None), types.FunctionType)
+    ]
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def _peel(func: types.FunctionType) -> types.FunctionType:
+    """``func`` with its decorators peeled (see the module docstring); an injected function
+    gives the function it was made from."""
+    if func.__code__.co_filename.startswith("<nnsight_dist.source "):
+        func = func.__wrapped__
+    seen = {func}
+    while (index := _peel_index(func)) is not None:
+        func = func.__closure__[index].cell_contents
+        if func in seen:  # a closure that calls itself
+            break
+        seen.add(func)
+    return func
+
+
 def _parse_def(fn: types.FunctionType) -> tuple[ast.FunctionDef | ast.AsyncFunctionDef, str]:
     """The ``def`` of ``fn`` (decorators removed, line numbers 1-based in its text) and the
-    text (:func:`inspect.getsource`, decorators included)."""
-    text = inspect.getsource(fn)
+    text (of its code object: a wrapper's own, not what it wraps; decorators included)."""
+    text = inspect.getsource(fn.__code__)
     wrapped = text[:1] in (" ", "\t")
     tree = ast.parse("if 1:\n" + text if wrapped else text)
     node = tree.body[0].body[0] if wrapped else tree.body[0]  # type: ignore[attr-defined]
@@ -362,26 +399,26 @@ def _owner_class(qualname: str) -> str | None:
 def inject(fn: Callable[..., Any], path: str, call: CallFn = call_through) -> Injected:
     """Rewrite ``fn`` so that every operation in its body goes through ``call``.
 
-    ``fn`` is a function or a bound method (e.g. ``module.forward``); wrappers are followed
-    down ``__wrapped__`` (:func:`inspect.unwrap`) and decorators are dropped. ``path`` only
+    ``fn`` is a function or a bound method (e.g. ``module.forward``); its decorators are
+    peeled and dropped (see the module docstring). ``path`` only
     names the compiled code (``<nnsight_dist.source {path}>``). ``call(name, f, args,
     kwargs)`` must return the operation's value.
 
     Returns :class:`Injected`: ``source``, the function's dedented text (decorator lines
     included, as nnsight shows it); ``lines``, each operation name -> its 1-based line in
     ``source``, in naming order (see the module docstring); ``fn``, a plain function with
-    the signature of the unwrapped function (for a bound method the unbound function,
+    the signature of the peeled function (for a bound method the unbound function,
     taking ``self`` first; bind it with :class:`types.MethodType`), which with the default
-    ``call`` behaves exactly like the unwrapped function; ``attribute_calls`` (see the
+    ``call`` behaves exactly like the peeled function; ``attribute_calls`` (see the
     module docstring).
 
     Raises ``TypeError`` if ``fn`` is not a Python function or method, ``OSError`` if its
     source is unavailable, ``ValueError`` if it is a lambda or uses the reserved names.
     """
     func = fn.__func__ if inspect.ismethod(fn) else fn
-    func = inspect.unwrap(func)
     if not isinstance(func, types.FunctionType):
         raise TypeError(f"cannot inject {fn!r}: not a Python function or method")
+    func = _peel(func)
     node, text = _parse_def(func)
     reserved = (_CALL, _KW, _BIND, _EVALUATED)
     if any(
@@ -409,7 +446,8 @@ def inject(fn: Callable[..., Any], path: str, call: CallFn = call_through) -> In
         body=[node, ast.Return(ast.Name(node.name, ast.Load()))],
     )
     outer: ast.stmt = factory
-    owner = _owner_class(func.__qualname__)
+    # Where the code was defined (functools.wraps gives a wrapper the wrapped one's qualname).
+    owner = _owner_class(getattr(func.__code__, "co_qualname", func.__qualname__))
     if owner is not None:
         outer = ast.ClassDef(name=owner, bases=[], keywords=[], body=[factory], decorator_list=[])
     module = ast.fix_missing_locations(ast.Module(body=[outer], type_ignores=[]))
@@ -423,7 +461,7 @@ def inject(fn: Callable[..., Any], path: str, call: CallFn = call_through) -> In
         code = next(c for c in code.co_consts if isinstance(c, types.CodeType) and c.co_name == step)
     code = _bind_placeholders(code, {_CALL: call, _KW: _merge_kwargs, _BIND: bind, _EVALUATED: evaluated})
     if hasattr(code, "co_qualname"):
-        code = code.replace(co_qualname=func.__qualname__)
+        code = code.replace(co_qualname=func.__code__.co_qualname)
 
     cells = dict(zip(freevars, func.__closure__ or ()))
     closure = tuple(cells.get(n, types.CellType()) for n in code.co_freevars)
