@@ -303,20 +303,33 @@ class _Instrument(ast.NodeTransformer):
         return node
 
 
+_REBINDS = {ast.ExceptHandler: "name", ast.FunctionDef: "name", ast.AsyncFunctionDef: "name",
+             ast.ClassDef: "name", ast.alias: "asname", ast.MatchAs: "name", ast.MatchStar: "name",
+             ast.MatchMapping: "rest"}
+_SETS_ATTRIBUTES = frozenset({"setattr", "delattr", "__setattr__", "__delattr__", "add_module", "register_module"})
+
+
 def _receiver(node: ast.FunctionDef | ast.AsyncFunctionDef) -> tuple[str | None, set[str]]:
-    """The first parameter's name if the function never rebinds it (else ``None``), and the
-    attributes of it that the function assigns or deletes."""
+    """The first parameter's name if the function never rebinds it (assignment, deletion,
+    nested parameter, ``global``/``nonlocal``, ``except ... as``, ``import ... as``, nested
+    ``def``/``class``, pattern capture) and calls nothing that sets attributes by name
+    (``setattr``, ``add_module``, ...), else ``None``; and the attributes of it that the
+    function assigns or deletes."""
     params = [*node.args.posonlyargs, *node.args.args]
     if not params:
         return None, set()
     first = params[0].arg
     reassigned: set[str] = set()
     for n in ast.walk(node):
-        if isinstance(n, ast.Name) and n.id == first and not isinstance(n.ctx, ast.Load):
-            return None, set()
-        if isinstance(n, ast.arg) and n.arg == first and n is not params[0]:
-            return None, set()
-        if isinstance(n, (ast.Global, ast.Nonlocal)) and first in n.names:
+        rebinds = (
+            (isinstance(n, ast.Name) and n.id == first and not isinstance(n.ctx, ast.Load))
+            or (isinstance(n, ast.arg) and n.arg == first and n is not params[0])
+            or (isinstance(n, (ast.Global, ast.Nonlocal)) and first in n.names)
+            or (n is not node and getattr(n, _REBINDS.get(type(n), ""), None) == first)
+            or (isinstance(n, ast.alias) and n.asname is None and n.name.split(".")[0] == first)
+            or (isinstance(n, ast.Call) and bool({*_dotted(n.func)[0][-1:]} & _SETS_ATTRIBUTES))
+        )
+        if rebinds:
             return None, set()
         if (isinstance(n, ast.Attribute) and not isinstance(n.ctx, ast.Load)
                 and isinstance(n.value, ast.Name) and n.value.id == first):

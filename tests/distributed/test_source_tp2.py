@@ -154,6 +154,8 @@ def test_fragment_operations_refused_tp2(tmp_path):
     ("def forward(self, x):\n    self.fc = x\n    y = self.fc(x)\n    return self.g(y)\n",
      {"self_g_0": ("g", True)}),
     ("def forward(self, x):\n    f = lambda self: self.fc(x)\n    return f(self)\n", {}),
+    ("def forward(self, x):\n    try:\n        pass\n    except E as self:\n        pass\n    return self.fc(x)\n", {}),
+    ("def forward(self, x):\n    setattr(self, 'fc', x)\n    return self.fc(x)\n", {}),
 ])
 def test_exact_child_calls_are_derived_soundly(tmp_path, forward, expected):
     """What the replica places by a child's placement: only values that are exactly the call."""
