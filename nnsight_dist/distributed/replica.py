@@ -234,27 +234,45 @@ class ReplicaSeam(Seam):
                 if self.owner.get(location) is not None:
                     self._observed.append([observer.index, visit, whole])
 
-    def operations(self, path: str, names: list[str]) -> None:
+    def operations(self, path: str, names: list[str], children: dict[str, tuple[str, bool]]) -> None:
         """Operations live where their module lives. Inside a tensor-parallel module, an
-        operation that calls a child module has the child's placement; any other operation
-        holds a fragment the engine does not describe, and reading it is refused."""
+        operation whose value is exactly a child module's call (the call ``self.<child>(x)``,
+        or ``y = self.<child>(x)``: see :meth:`Seam.operations`) has the child's placement;
+        any other operation holds a fragment the engine does not describe, and reading it
+        is refused."""
         module = f"{path}.output"
-        children = {name.split(".")[len(path.split("."))] for name in self.owner if name.startswith(path + ".")}
+        depth = len(path.split("."))
+        modules = {name.split(".")[depth] for name in self.owner if name.startswith(path + ".")}
         fragmented = any(loc.startswith(path + ".") for loc in self.fragmented)
         for name in names:
+            attr, is_call = children.get(name, (None, False))
+            child = f"{path}.{attr}" if attr in modules else None
             for key in ("input", "output"):
                 location = f"{path}.{name}.{key}"
                 self.owner[location] = self.owner.get(module)
                 if module in self.remote:
                     self.remote.add(location)
                     continue
-                child = next((c for c in children if name.startswith(f"self_{c}_") and name[len(c) + 6:].isdigit()), None)
-                if child is not None and f"{path}.{child}.{key}" in self.codecs:
-                    self.codecs[location] = self.codecs[f"{path}.{child}.{key}"]
-                elif fragmented and child is None:
+                if child is None:
+                    if fragmented:
+                        self.codecs[location] = Unplaced(location, path)
+                    elif self.opaque:
+                        self.codecs[location] = self._codec(WHOLE, location, key == "input", path)
+                    continue
+                # An assignment's input is ((value,), {}): the child's output as first argument.
+                source = f"{child}.{key}" if is_call or key == "output" else f"{child}.output"
+                placement = self.placement(source)
+                if source in self.fragmented:
+                    self.fragmented.add(location)
+                if isinstance(self.codecs.get(source), Unplaced) or (
+                        not is_call and key == "input" and placement[:1] in ("(", "{")):
+                    # Undescribed; or per-element placements that name the parts of the child's
+                    # output, not those of the assignment's ((value,), {}).
                     self.codecs[location] = Unplaced(location, path)
-                elif child is None and self.opaque:
-                    self.codecs[location] = self._codec(WHOLE, location, key == "input", path)
+                    continue
+                codec = self._codec(placement, location, key == "input", path)
+                if codec is not None:
+                    self.codecs[location] = codec
 
     def placement(self, location: str) -> str:
         codec = self.codecs.get(location)

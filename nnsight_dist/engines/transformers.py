@@ -132,7 +132,8 @@ class StagePlaceholder(torch.nn.Module):
 class LayerPlaceholder(torch.nn.Module):
     """A decoder layer owned by another stage. It holds the layer's submodules, weightless on
     the meta device, so the module tree (and every path a user can write) is the same on
-    every rank; its forward passes the hidden states through."""
+    every rank; its forward passes the hidden states through. ``source_forward`` is the
+    layer's real forward, whose operations its ``.source`` lists (as on the owner stage)."""
 
     def __init__(self, skeleton: torch.nn.Module) -> None:
         super().__init__()
@@ -143,6 +144,7 @@ class LayerPlaceholder(torch.nn.Module):
             module._buffers.clear()
         for name, child in skeleton.named_children():
             self.add_module(name, child)
+        self.source_forward = type(skeleton).forward
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return args[0] if args else next(iter(kwargs.values()))

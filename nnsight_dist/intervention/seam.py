@@ -79,8 +79,13 @@ class Seam:
         """Take over observing this fragment (to assemble it later, with others); True if taken."""
         return False
 
-    def operations(self, path: str, names: list[str]) -> None:
-        """The module at ``path`` exposed the ``.source`` operations ``names``."""
+    def operations(self, path: str, names: list[str], children: dict[str, tuple[str, bool]]) -> None:
+        """The module at ``path`` exposed the ``.source`` operations ``names``.
+
+        ``children`` maps an operation whose value is exactly that of a call
+        ``self.<attr>(...)`` of the module to ``(attr, is_call)``: the call itself
+        (``is_call``: its inputs are the call's) or an assignment of that value.
+        """
 
     def placement(self, location: str) -> str:
         """This rank's placement of ``location``'s value: ``"whole"``, ``"shard(d)"``, ``"partial"``."""

@@ -4,9 +4,8 @@ Each scenario is one function run once with nnsight 0.8.1 and once with nnsight_
 same local weights: both libraries capture the ``with`` bodies from this file, so they run
 literally the same intervention code, and the values must be equal. Bodies save with the
 function form (``save(x)``: ``nd.save`` or ``nnsight.save``) because the two libraries'
-``.save()`` methods collide in one process (see tests/test_nnsight_compat.py). Where the
-two libraries name a ``.source`` operation differently (nnsight 0.8.1 also numbers
-assignments), the name is a parameter of the scenario.
+``.save()`` methods collide in one process (see tests/test_nnsight_compat.py). ``.source``
+operations are addressed by the same names in both.
 """
 
 from __future__ import annotations
@@ -322,7 +321,62 @@ def test_generator_and_streamer_outputs(pair):
     equal(torch.stack(o_steps[1:], -1), o_batch[:, -3:])  # each step's new token per row
 
 
-# ---------------------------------------------------------------------------- 7. .source of an operation
+# ---------------------------------------------------------------------------- 7. .source operations
+
+
+def test_source_listings_are_nnsight_s(pair):
+    theirs, ours = pair
+    for path in ("model.layers.0.self_attn", "model.layers.0.mlp", "model.layers.0", "model"):
+        t, o = theirs, ours
+        for part in path.split("."):
+            t, o = (t[int(part)], o[int(part)]) if part.isdigit() else (getattr(t, part), getattr(o, part))
+        assert str(o.source) == str(t.source)
+        names = [op.name for op in t.source]
+        assert [op.name for op in o.source] == names
+        for name in names:
+            assert str(getattr(o.source, name)) == str(getattr(t.source, name))
+
+
+def read_operations(model, save):
+    attn = model.model.layers[0].self_attn
+    with model.trace(PROMPT):
+        shape = save(attn.source.input_shape_0.output)          # an assignment of a non-tensor
+        query_in = save(attn.source.query_states_0.input)        # an assignment
+        query = save(attn.source.query_states_0.output)
+        rotary_in = save(attn.source.apply_rotary_pos_emb_0.input)
+        o_in = save(attn.source.self_o_proj_0.inputs)            # a call
+        o_out = save(attn.source.self_o_proj_0.output)
+        bound = save(attn.source.attn_output_1.output)           # `attn_output = self.o_proj(...)`
+        logits = save(model.lm_head.output)
+    return shape, query, query_in, rotary_in, o_in[0][0], o_out, bound, logits
+
+
+def edit_operations(model, save):
+    attn = model.model.layers[0].self_attn
+    with model.trace(PROMPT):
+        attn.source.query_states_0.output = attn.source.query_states_0.output * 0.5
+        rotary_in = save(attn.source.apply_rotary_pos_emb_0.input)
+        attn.source.self_o_proj_0.output[:, -1] = 0
+        bound = save(attn.source.attn_output_1.output)
+        attn.source.attn_output_1.output = attn.source.attn_output_1.output + 1
+        out = save(attn.output[0])
+        logits = save(model.lm_head.output)
+    return rotary_in, bound, out, logits
+
+
+def test_operation_values_and_edits_equal_nnsight(pair):
+    theirs, ours = pair
+    t, o = read_operations(theirs, nnsight.save), read_operations(ours, nd.save)
+    assert o[0] == t[0]
+    for a, b in zip(o[1:], t[1:]):
+        equal(a, b)
+    equal(o[1], o[2])  # an assignment's input is the assigned value
+    equal(o[5], o[6])
+    edited_t, edited_o = edit_operations(theirs, nnsight.save), edit_operations(ours, nd.save)
+    for a, b in zip(edited_o, edited_t):
+        equal(a, b)
+    equal(edited_o[0], o[3] * 0.5)  # the rebound value reached the next operation
+    assert not torch.equal(edited_o[3], o[7])
 
 
 def drill(model, save, outer, inner):
@@ -346,31 +400,32 @@ def drill_and_edit(model, save, outer, inner):
 
 def test_operation_source_values_and_edits(pair):
     theirs, ours = pair
-    # nnsight 0.8.1 numbers the assignment `attention_interface = ...` too: its call is _1.
-    inner = "attn_output_transpose_0"
-    t = drill(theirs, nnsight.save, "attention_interface_1", inner)
-    o = drill(ours, nd.save, "attention_interface_0", inner)
+    outer, inner = "attention_interface_1", "attn_output_transpose_0"
+    t = drill(theirs, nnsight.save, outer, inner)
+    o = drill(ours, nd.save, outer, inner)
     assert "def sdpa_attention_forward" in t[0] or "def eager_attention_forward" in t[0]
-    assert t[0].split("def ")[1].split("(")[0] in o[0]  # the same function is listed
-    assert inner in o[0]
+    assert o[0] == t[0]  # the drilled function's listing
     for a, b in zip(o[1:], t[1:]):
         equal(a[0] if isinstance(a, tuple) else a, b[0] if isinstance(b, tuple) else b)
     equal(o[2][0], o[1].contiguous())
-    edited_t = drill_and_edit(theirs, nnsight.save, "attention_interface_1", inner)
-    edited_o = drill_and_edit(ours, nd.save, "attention_interface_0", inner)
+    edited_t = drill_and_edit(theirs, nnsight.save, outer, inner)
+    edited_o = drill_and_edit(ours, nd.save, outer, inner)
     equal(edited_o, edited_t)
     assert not torch.equal(edited_o, o[3])
     equal(read_logits(ours, nd.save), o[3])  # the drilled copy runs only in its own run
 
 
-def test_operation_source_outside_a_trace_and_of_a_module(pair):
+def test_operation_source_refusals(pair):
     _, ours = pair
     attn = ours.model.layers[0].self_attn
     with pytest.raises(nd.NotTracingError):
-        attn.source.attention_interface_0.source  # noqa: B018
+        attn.source.attention_interface_1.source  # noqa: B018
     with pytest.raises(nd.NNsightError, match="calls a module"):
         with ours.trace(PROMPT):
             attn.source.self_q_proj_0.source  # noqa: B018
+    with pytest.raises(nd.NNsightError, match="an assignment"):
+        with ours.trace(PROMPT):
+            attn.source.attention_interface_0.source  # noqa: B018
 
 
 # ---------------------------------------------------------------------------- 8. scan
