@@ -51,6 +51,7 @@ From a test: ``run_ranks(soak, 4, path, traces, seed, faults)`` (see ``soak``).
 from __future__ import annotations
 
 import collections
+import datetime
 import faulthandler
 import hashlib
 import os
@@ -390,7 +391,7 @@ def soak(rank: int, path: str, traces: int, seed: int, faults: Optional[list[str
     if topo.distributed:
         import torch.distributed as dist
 
-        group = dist.new_group(list(range(topo.world_size)), backend="gloo")
+        group = dist.new_group(list(range(topo.world_size)), backend="gloo", timeout=datetime.timedelta(seconds=limit))
     model = nd.LanguageModel(path, tp=tp, pp=pp)
     ref = AutoModelForCausalLM.from_pretrained(path).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
