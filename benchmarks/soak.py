@@ -378,14 +378,16 @@ def rss() -> int:
 
 
 def soak(rank: int, path: str, traces: int, seed: int, faults: Optional[list[str]] = None, tp: int = 2,
-         pp: int = 2, timeout: Optional[float] = None, progress: bool = False) -> dict:
+         pp: int = 2, timeout: Optional[float] = None, progress: bool = False, echo: bool = False) -> dict:
     """Run the soak on this rank (every rank of the job must call it alike) and return its
     summary: a JSON-able dict with ``failures`` (descriptions; empty when every criterion
     held), ``kinds`` (per kind: ``count``, ``ok``, ``errors`` as {type: count over ranks},
     ``ms`` median), ``traces`` run, ``lost`` (why the soak ended early, or ``None``),
     ``rss`` ([at the mark, at the end] bytes, the largest over the ranks), ``growth``
     (percent), ``wall`` seconds and ``first_errors`` ({kind: "Type: message"} seen on this rank).
-    ``faults`` defaults to every kind of ``FAULTS``."""
+    ``faults`` defaults to every kind of ``FAULTS``. ``progress`` shows a tqdm bar on stderr;
+    ``echo`` prints each failure there as it happens (a rank that aborts takes the summary
+    with it)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -439,6 +441,8 @@ def soak(rank: int, path: str, traces: int, seed: int, faults: Optional[list[str
             seen = exchange(group, topo.world_size, code, digest(values) if code == 0 and values else 0, problem is not None)
         except Exception as e:  # the job's collectives are gone
             lost = f"trace {n} ({kind}, after {previous}): the per-trace exchange failed: {type(e).__name__}: {str(e)[:200]}"
+            if echo:
+                tqdm.write(f"LOST: {lost}", file=sys.stderr)
             break
         finally:
             faulthandler.cancel_dump_traceback_later()
@@ -462,6 +466,8 @@ def soak(rank: int, path: str, traces: int, seed: int, faults: Optional[list[str
             bad = f"did not raise on ranks {[r for r, c in enumerate(codes) if not c]}"
         if bad:
             failures.append(f"trace {n} ({kind}, prompt {prompt}, after {previous}): {bad}")
+            if echo:
+                tqdm.write(f"FAILED: {failures[-1]}", file=sys.stderr)
             in_a_row += 1
         else:
             stats["ok"] += 1
@@ -557,7 +563,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     nd.broadcast_object(path)  # the others wait until rank 0 has written it
     try:
         summary = soak(topo.rank, path, args.traces, args.seed, args.faults, args.tp, args.pp, args.timeout,
-                       progress=topo.rank == 0 and not args.no_progress)
+                       progress=topo.rank == 0 and not args.no_progress, echo=topo.rank == 0)
     finally:
         if args.model_dir is None and topo.rank == 0:
             shutil.rmtree(root, ignore_errors=True)
