@@ -412,11 +412,11 @@ def soak(rank: int, path: str, traces: int, seed: int, faults: Optional[list[str
     del ref
 
     rng = random.Random(seed)
-    mark = min(100, traces // 2)
+    mark = max(1, min(100, traces // 2))
     kinds = {k: {"count": 0, "ok": 0, "errors": collections.Counter(), "ms": []} for k in CORRECT + tuple(faults)}
     failures: list[str] = []
     first_errors: dict[str, str] = {}
-    rss_mark = rss_end = None
+    rss_mark = None
     lost, in_a_row, done, previous = None, 0, 0, "-"
     start = time.perf_counter()
     bar = tqdm(range(traces), desc=f"soak tp={tp} pp={pp}", unit="trace", disable=not progress,
