@@ -208,10 +208,11 @@ class _Call:
             return None
         values = []
         for r, h in enumerate(headers):
+            got = body
             if r != self.root:
-                body = torch.empty(int(h[3]), dtype=torch.uint8)
-                self._wait_p2p(dist.irecv(body, src=r, group=self.group), "the value", r)
-            values.append(_unpack(body[: int(h[2])].numpy().tobytes(), body))
+                got = torch.empty(int(h[3]), dtype=torch.uint8)
+                self._wait_p2p(dist.irecv(got, src=r, group=self.group), "the value", r)
+            values.append(_unpack(got[: int(h[2])].numpy().tobytes(), got))
         return values
 
     def _problems(self, failed: list[int], headers: list[torch.Tensor], said: bytes) -> str:
