@@ -33,17 +33,18 @@ from .router import _DTYPES, _shape_only, decode, encode
 from .topology import Topology, current, discover
 
 
-def all_gather_json(obj: Any, group: Any, n: int, failures: Failures) -> list:
-    """Every rank's JSON-able ``obj`` (``n`` ranks in ``group``), in group order."""
+def all_gather_json(obj: Any, group: Any, n: int, failures: Failures, what: str = "the divergence report") -> list:
+    """Every rank's JSON-able ``obj`` (``n`` ranks in ``group``), in group order; a timeout
+    names ``what`` was awaited."""
     payload = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
     sizes = [torch.zeros(1, dtype=torch.long) for _ in range(n)]
     failures.wait_work(dist.all_gather(sizes, torch.tensor([payload.numel()]), group=group, async_op=True),
-                       "the divergence report", "the replica")
+                       what, "the replica")
     width = int(max(s.item() for s in sizes))
     padded = torch.zeros(width, dtype=torch.uint8)
     padded[: payload.numel()] = payload
     parts = [torch.zeros(width, dtype=torch.uint8) for _ in range(n)]
-    failures.wait_work(dist.all_gather(parts, padded, group=group, async_op=True), "the divergence report", "the replica")
+    failures.wait_work(dist.all_gather(parts, padded, group=group, async_op=True), what, "the replica")
     return [json.loads(bytes(p[: int(s.item())].tolist()).decode()) for p, s in zip(parts, sizes)]
 
 
@@ -69,7 +70,8 @@ def gather_cache(topo: Topology, failures: Failures, cache: Any, placements: dic
                 mine.append([path, key, visits, placements.get((path, key), "whole"),
                              encode(list(value) if visits else value, tensors)])
     shapes = [[str(t.dtype), list(t.shape)] for t in tensors]
-    metas = all_gather_json({"entries": mine, "tensors": shapes, "dst": dst}, group, len(ranks), failures)
+    metas = all_gather_json({"entries": mine, "tensors": shapes, "dst": dst}, group, len(ranks), failures,
+                            "cache.gather on the other ranks (every rank of the replica must call it)")
     dsts = [meta["dst"] for meta in metas]
     if len(set(dsts)) > 1:
         raise DivergenceError(f"cache.gather was called with different dst on the ranks of the replica "
