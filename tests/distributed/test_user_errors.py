@@ -173,3 +173,102 @@ def test_one_process_same_rules():
         assert isinstance(info.value, TypeError) and all(w in str(info.value) for w in words), (case, info.value)
     with pytest.raises(nd.TopologyError, match=r"dst=1\): dst must be"):
         nd.gather_object(1, dst=1)
+
+
+# ---------------------------------------------------------------------- a model on ranks
+
+
+@pytest.fixture(scope="module")
+def path(tmp_path_factory):
+    return nd.testing.make_tiny_model(str(tmp_path_factory.mktemp("llama")))
+
+
+def _reference(path: str, prompt: str, layers: list[int]) -> dict:
+    """Plain transformers in this process: the chosen layers' outputs and the logits."""
+    import transformers
+
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    seen = {}
+    hooks = [ref.model.layers[i].register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, o.detach().clone()))
+             for i in layers]
+    with torch.no_grad():
+        logits = ref(**tok(prompt, return_tensors="pt")).logits
+    for h in hooks:
+        h.remove()
+    return {"layers": seen, "logits": logits}
+
+
+def _model_mistakes(rank: int, path: str, tp: int, pp: int) -> dict:
+    out = {"tp3": _error(lambda: nd.LanguageModel(path, tp=3))}
+    model = nd.LanguageModel(path, tp=tp, pp=pp)
+    topo = model.topology
+    out["reinit"] = _error(lambda: nd.init(tp=1, pp=1) if tp * pp == 1 else nd.init(tp=2 * tp, pp=pp))
+    out["zero"] = _error(lambda: nd.init(pp=0))
+    out["same"] = nd.init(tp=tp, pp=pp) is topo and nd.init() is topo
+
+    def inside():
+        with model.trace("Hello world") as tracer:
+            cache = tracer.cache(modules=[model.model.layers[0]], sharded=True)
+            cache.gather()
+
+    out["inside"] = _error(inside)
+    with model.trace("Hello world") as tracer:
+        cache = tracer.cache(modules=[model.model.layers[0], model.model.layers[3]], sharded=True)
+        logits = model.lm_head.output.save()
+    out["dst"] = _error(lambda: cache.gather(dst=topo.tp * topo.pp))
+    whole = cache.gather(dst=1)
+    out["whole"] = None if whole is None else {i: whole[f"model.model.layers.{i}"].output for i in (0, 3)}
+    out["gathered"] = nd.gather_object({"logits": logits[0, -1], "rank": rank}, dst=1)
+    return out
+
+
+@pytest.mark.parametrize("topology", ["tp2", "pp2"])
+def test_model_mistakes_two_ranks(path, topology):
+    tp, pp = (2, 1) if topology == "tp2" else (1, 2)
+    results = run_ranks(_model_mistakes, 2, path, tp, pp, timeout=240, env=ENV)
+    for r in results:
+        assert r["tp3"][:2] == ("error", "TopologyError") and "does not divide the world size 2" in r["tp3"][2]
+        assert r["reinit"][:2] == ("error", "TopologyError") and f"tp={tp}, pp={pp}" in r["reinit"][2], r["reinit"]
+        assert "same degrees" in r["reinit"][2]
+        assert r["zero"][:2] == ("error", "TopologyError") and "positive integer" in r["zero"][2]
+        assert r["same"]
+        assert r["inside"][:2] == ("error", "NNsightError") and "after the `with` block" in r["inside"][2]
+        assert r["dst"][:2] == ("error", "TopologyError") and "dst=2" in r["dst"][2] and "0 to 1" in r["dst"][2]
+    ref = _reference(path, "Hello world", [0, 3])
+    assert results[0]["whole"] is None and results[0]["gathered"] is None
+    for i in (0, 3):
+        torch.testing.assert_close(results[1]["whole"][i], ref["layers"][i], rtol=1e-5, atol=1e-5)
+    got = results[1]["gathered"]
+    assert [g["rank"] for g in got] == [0, 1]
+    for g in got:
+        torch.testing.assert_close(g["logits"], ref["logits"][0, -1], rtol=1e-5, atol=1e-5)
+
+
+def _mesh_tp2_pp2(rank: int, path: str) -> dict:
+    model = nd.LanguageModel(path, tp=2, pp=2)
+    with model.trace("Hello world"):
+        h = model.model.layers[3].output.save()
+    out = {"dst": _error(lambda: nd.gather_object(h, dst=rank % 2)),
+           "unsendable": _error(lambda: nd.broadcast_object({"h": h, "set": {rank}}, src=2))}
+    out["gathered"] = nd.gather_object({"h": h[0, -1], "stage": model.topology.pp_rank}, dst=3)
+    out["said"] = nd.broadcast_object((h[0, 0], rank) if rank == 2 else None, src=2)
+    return out
+
+
+def test_objects_tp2_pp2(path):
+    """On 4 ranks (tp 2 × pp 2): the same errors everywhere, then whole values from every stage."""
+    results = run_ranks(_mesh_tp2_pp2, 4, path, timeout=300, env=ENV)
+    ref = _reference(path, "Hello world", [3])["layers"][3]
+    for rank, r in enumerate(results):
+        assert r["dst"][:2] == ("error", "DivergenceError") and "rank 1: nd.gather_object(dst=1)" in r["dst"][2]
+        status, kind, message, _ = r["unsendable"]
+        assert kind == "UnsendableObject" and "rank(s) [2]" in message and "obj['set']" in message, message
+        said_h, said_rank = r["said"]
+        torch.testing.assert_close(said_h, ref[0, 0], rtol=1e-5, atol=1e-5)
+        assert said_rank == 2
+        assert (r["gathered"] is None) == (rank != 3)
+    got = results[3]["gathered"]
+    assert [g["stage"] for g in got] == [0, 0, 1, 1]
+    for g in got:
+        torch.testing.assert_close(g["h"], ref[0, -1], rtol=1e-5, atol=1e-5)
