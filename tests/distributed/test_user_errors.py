@@ -272,3 +272,46 @@ def test_objects_tp2_pp2(path):
     assert [g["stage"] for g in got] == [0, 0, 1, 1]
     for g in got:
         torch.testing.assert_close(g["h"], ref[0, -1], rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------- .grad in one process
+
+
+def _grad_warnings(body) -> tuple:
+    """``body()`` and the gradient warnings it raised."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        value = body()
+    return value, sorted({(w.category.__name__, str(w.message)) for w in caught if "grad" in str(w.message)})
+
+
+def test_grad_before_backward_one_process_as_nnsight(path):
+    """In one process ``.grad`` before a backward is torch's: ``None`` and torch's non-leaf
+    warning, as nnsight 0.8.1 gives on the same weights (nothing for nd to rewrite)."""
+    import importlib
+    import warnings
+
+    import transformers
+
+    ours = nd.LanguageModel(path)  # first: nd's `.save()` methods are installed before nnsight's
+    nnsight = importlib.import_module("nnsight")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = nnsight.LanguageModel(path, tokenizer=transformers.AutoTokenizer.from_pretrained(path), dispatch=True)
+
+    def their_grad():
+        with theirs.trace("Hello world"):
+            grad = theirs.model.layers[0].output.grad.save()
+        return grad
+
+    def our_grad():
+        with ours.trace("Hello world"):
+            grad = nd.save(ours.model.layers[0].output.grad)
+        return grad
+
+    expected, their_warnings = _grad_warnings(their_grad)
+    got, our_warnings = _grad_warnings(our_grad)
+    assert got is None and expected is None
+    assert our_warnings == their_warnings and their_warnings, (our_warnings, their_warnings)
