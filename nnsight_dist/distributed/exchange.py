@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ..intervention.errors import DivergenceError, RemoteError, RouterTimeout, TopologyError, UnsendableObject
-from .failure import Failures
+from .failure import Failures, lost_contact
 from .placement import assemble
 from .router import _DTYPES, _shape_only, decode, encode
 from .topology import Topology, current, discover
@@ -144,8 +144,9 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 def _exchange(kind: int, obj: Any, root: int) -> Any:
     name, arg = _NAMES[kind]
     topo = current()
-    if topo is None and discover().world_size > 1:
-        raise TopologyError(f"{name} was called before nd.init on a launch of {discover().world_size} ranks: "
+    launched = discover().world_size if topo is None else 1
+    if launched > 1:
+        raise TopologyError(f"{name} was called before nd.init on a launch of {launched} ranks: "
                             "call nd.init(...) (or build the nd.LanguageModel) first, on every rank")
     world = topo.world_size if topo is not None else 1
     _check_root(name, arg, root, world, "ranks in the world")
@@ -154,7 +155,8 @@ def _exchange(kind: int, obj: Any, root: int) -> Any:
     if sending:
         try:
             structure = _pack(obj, tensors, "obj")
-            meta = json.dumps({"value": structure, "tensors": [[str(t.dtype), list(t.shape)] for t in tensors]}).encode()
+            shapes = [[str(t.dtype), list(t.shape)] for t in tensors]
+            meta = json.dumps({"value": structure, "tensors": shapes}).encode()
         except UnsendableObject as e:
             problem = str(e)
     if topo is None or not topo.distributed:
@@ -184,18 +186,21 @@ class _Call:
 
     def run(self, meta: bytes, tensors: list[torch.Tensor], problem: str) -> Any:
         self._check_broken()
-        self.store.set(self._arrived(self.topo.rank), self.call)
+        lost_contact(lambda: self.store.set(self._arrived(self.topo.rank), self.call), "the job's store")
         body = _bytes(meta, tensors)
         said = problem.encode()
-        header = torch.tensor([self.kind, self.root, -1 if problem else len(meta), len(said) if problem else body.numel()])
+        # (call, root, bytes of meta or -1 when the value cannot be sent, bytes of the message or of the reason)
+        header = torch.tensor([self.kind, self.root, -1 if problem else len(meta),
+                               len(said) if problem else body.numel()])
         headers = [torch.zeros(4, dtype=torch.long) for _ in range(self.topo.world_size)]
         self._wait(dist.all_gather(headers, header, group=self.group, async_op=True), "the call's header")
         calls = [(int(h[0]), int(h[1])) for h in headers]
         if len(set(calls)) > 1:
             made = ", ".join(f"rank {r}: {_NAMES[k][0]}({_NAMES[k][1]}={root})" if k in _NAMES else f"rank {r}: ?"
                              for r, (k, root) in enumerate(calls))
-            raise DivergenceError(f"the ranks made different exchange calls ({made}): every rank must make the same "
-                                  "nd.gather_object / nd.broadcast_object calls, with the same dst / src, in the same order")
+            raise DivergenceError(f"the ranks made different exchange calls ({made}): every rank must make the "
+                                  "same nd.gather_object / nd.broadcast_object calls, with the same dst / src, "
+                                  "in the same order")
         failed = [r for r, h in enumerate(headers) if int(h[2]) < 0 and (self.kind == _GATHER or r == self.root)]
         if failed:
             raise UnsendableObject(self._problems(failed, headers, said))
@@ -233,9 +238,9 @@ class _Call:
 
     def _check_broken(self) -> None:
         """Raise when an earlier call timed out somewhere: the ranks' exchanges are out of step."""
-        if not self.store.check([_BROKEN]):
+        if not lost_contact(lambda: self.store.check([_BROKEN]), "the job's store"):
             return
-        data = json.loads(self.store.get(_BROKEN).decode())
+        data = json.loads(lost_contact(lambda: self.store.get(_BROKEN), "the job's store").decode())
         said = (f"{data['message']}; the ranks' nd.gather_object / nd.broadcast_object calls are out of step "
                 "since, so no later call can pair up: restart the job")
         if data["rank"] == self.topo.rank:
@@ -271,7 +276,10 @@ class _Call:
                               f"lost contact during {self.call} ({e}); the rank probably died") from e
 
     def _timed_out(self, what: str, peer: Optional[int]) -> None:
-        absent = [r for r in range(self.topo.world_size) if not self.store.check([self._arrived(r)])]
+        try:
+            absent = [r for r in range(self.topo.world_size) if not self.store.check([self._arrived(r)])]
+        except (RuntimeError, dist.DistError):
+            absent = []  # the store is gone with its host rank
         if absent:
             why = (f"rank(s) {absent} never made this call (call {self.number} of this rank): every rank must make "
                    "the same nd.gather_object / nd.broadcast_object calls in the same order (a branch on the rank?), "
