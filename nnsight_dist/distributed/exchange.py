@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from datetime import timedelta
 from typing import Any, Optional
 
@@ -115,7 +114,6 @@ def gather_cache(topo: Topology, failures: Failures, cache: Any, placements: dic
 _GATHER, _BROADCAST = 1, 2
 _NAMES = {_GATHER: ("nd.gather_object", "dst"), _BROADCAST: ("nd.broadcast_object", "src")}
 _BROKEN = "nnsight_dist/objects/broken"
-_POLL = 0.02
 
 
 def gather_object(obj: Any, dst: int = 0) -> Optional[list]:
@@ -211,14 +209,14 @@ class _Call:
             self._wait(dist.broadcast(body, src=self.root, group=self.group, async_op=True), "the value", self.root)
             return _unpack(body[: int(headers[self.root][2])].numpy().tobytes(), body)
         if self.topo.rank != self.root:
-            self._wait_p2p(dist.isend(body, dst=self.root, group=self.group), "the value's delivery", self.root)
+            self._wait(dist.isend(body, dst=self.root, group=self.group), "the value's delivery", self.root)
             return None
         values = []
         for r, h in enumerate(headers):
             got = body
             if r != self.root:
                 got = torch.empty(int(h[3]), dtype=torch.uint8)
-                self._wait_p2p(dist.irecv(got, src=r, group=self.group), "the value", r)
+                self._wait(dist.irecv(got, src=r, group=self.group), "the value", r)
             values.append(_unpack(got[: int(h[2])].numpy().tobytes(), got))
         return values
 
@@ -248,27 +246,9 @@ class _Call:
         raise RemoteError(data["rank"], said)
 
     def _wait(self, work: Any, what: str, peer: Optional[int] = None) -> None:
-        """Wait for ``work``, at most the topology's timeout, watching for a broken exchange."""
-        deadline = time.monotonic() + self.topo.timeout
-        last = time.monotonic()
-        while not work.is_completed():
-            now = time.monotonic()
-            if now > deadline:
-                self._timed_out(what, peer)
-            if now - last > _POLL:
-                last = now
-                self._check_broken()
-            time.sleep(0.001)
-        self._finish(work, what, peer)
-
-    def _wait_p2p(self, work: Any, what: str, peer: int) -> None:
-        """Wait for a send or receive (gloo completes those only inside ``wait``): by then
-        every rank has made the call, so a blocking wait bounded by the timeout suffices."""
-        self._finish(work, what, peer, timedelta(seconds=self.topo.timeout))
-
-    def _finish(self, work: Any, what: str, peer: Optional[int], timeout: Optional[timedelta] = None) -> None:
+        """Wait for ``work``; the world group's own timeout (the topology's) bounds it."""
         try:
-            work.wait() if timeout is None else work.wait(timeout)
+            work.wait(timedelta(seconds=self.topo.timeout))
         except (RuntimeError, dist.DistError) as e:
             if "timed out" in str(e).lower() or "timeout" in str(e).lower():
                 self._timed_out(what, peer)
