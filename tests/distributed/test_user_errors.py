@@ -274,7 +274,23 @@ def test_objects_tp2_pp2(path):
         torch.testing.assert_close(g["h"], ref[0, -1], rtol=1e-5, atol=1e-5)
 
 
-# ---------------------------------------------------------------------- .grad in one process
+# ---------------------------------------------------------------------- one process, beside nnsight 0.8.1
+
+
+@pytest.fixture(scope="module")
+def pair(path):
+    """(nd model, nnsight 0.8.1 model) on the same checkpoint, in this process."""
+    import importlib
+    import warnings
+
+    import transformers
+
+    ours = nd.LanguageModel(path)  # first: nd's `.save()` methods are installed before nnsight's
+    nnsight = importlib.import_module("nnsight")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = nnsight.LanguageModel(path, tokenizer=transformers.AutoTokenizer.from_pretrained(path), dispatch=True)
+    return ours, theirs
 
 
 def _grad_warnings(body) -> tuple:
@@ -287,19 +303,10 @@ def _grad_warnings(body) -> tuple:
     return value, sorted({(w.category.__name__, str(w.message)) for w in caught if "grad" in str(w.message)})
 
 
-def test_grad_before_backward_one_process_as_nnsight(path):
+def test_grad_before_backward_one_process_as_nnsight(pair):
     """In one process ``.grad`` before a backward is torch's: ``None`` and torch's non-leaf
     warning, as nnsight 0.8.1 gives on the same weights (nothing for nd to rewrite)."""
-    import importlib
-    import warnings
-
-    import transformers
-
-    ours = nd.LanguageModel(path)  # first: nd's `.save()` methods are installed before nnsight's
-    nnsight = importlib.import_module("nnsight")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = nnsight.LanguageModel(path, tokenizer=transformers.AutoTokenizer.from_pretrained(path), dispatch=True)
+    ours, theirs = pair
 
     def their_grad():
         with theirs.trace("Hello world"):
@@ -315,3 +322,25 @@ def test_grad_before_backward_one_process_as_nnsight(path):
     got, our_warnings = _grad_warnings(our_grad)
     assert got is None and expected is None
     assert our_warnings == their_warnings and their_warnings, (our_warnings, their_warnings)
+
+
+def test_paths_past_the_tree_one_process(pair):
+    """A layer index past the list and a path that breaks name where and what exists; the
+    type is nnsight 0.8.1's (AttributeError); correct paths still give their placement."""
+    ours, theirs = pair
+    n = len(ours.model.layers)
+    with pytest.raises(AttributeError):
+        theirs.model.layers[n]
+    with pytest.raises(nd.ModulePathError) as info:
+        ours.model.layers[n]
+    assert isinstance(info.value, AttributeError) and f"has {n} children, so no [{n}]" in str(info.value)
+    assert ours.model.layers[-1].path == f"model.model.layers.{n - 1}" and len(ours.model.layers[1:3]) == 2
+    for path in (f"model.layers.{n}", f"model.model.layers.{n}"):
+        with pytest.raises(nd.ModulePathError, match=rf"model\.model\.layers \(ModuleList\) has {n} children"):
+            ours.placement(path)
+    with pytest.raises(nd.ModulePathError, match="Did you mean: mlp"):
+        ours.placement("model.layers.1.mlpp")
+    with pytest.raises(TypeError, match="module path"):
+        ours.placement(1)
+    expected = ours.placements()["model.model.layers.1.mlp"]
+    assert ours.placement(ours.model.layers[1].mlp) == ours.placement("model.layers.1.mlp") == expected
