@@ -209,10 +209,12 @@ def init(tp: Optional[int] = None, pp: Optional[int] = None, backend: Optional[s
     seconds = timeout_seconds(timeout)
     launch = discover()
     if launch.world_size % (tp * pp):
+        how = (f"launch {tp * pp} ranks (launch/torchrun.sh {tp * pp} script.py, or mpirun, or srun)"
+               if launch.launcher == "single" else
+               f"launch a multiple of {tp * pp} ranks, or choose degrees whose product divides {launch.world_size}")
         raise TopologyError(
             f"tp={tp} × pp={pp} = {tp * pp} does not divide the world size {launch.world_size} "
-            f"({launch.launcher}): launch a multiple of {tp * pp} ranks, or choose degrees whose "
-            f"product divides {launch.world_size}"
+            f"({'a single process, started by no launcher' if launch.launcher == 'single' else launch.launcher}): {how}"
         )
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", launch.local_rank % max(torch.cuda.device_count(), 1)) if cuda else torch.device("cpu")
