@@ -5,7 +5,8 @@
 
 from . import testing
 from .distributed.placement import Placement
-from .distributed.topology import Topology, broadcast_object, gather_object, init
+from .distributed.exchange import broadcast_object, gather_object
+from .distributed.topology import Topology, init
 from .intervention.envoy import Envoy
 from .intervention.eproperty import eproperty
 from .intervention.errors import (
@@ -17,8 +18,10 @@ from .intervention.errors import (
     OutOfOrderError,
     RemoteError,
     RouterTimeout,
+    TopologyError,
     TraceSetupError,
     TracingSourceError,
+    UnsendableObject,
     UnshardableModel,
     WriteShapeError,
 )
@@ -46,8 +49,10 @@ __all__ = [
     "OutOfOrderError",
     "RemoteError",
     "RouterTimeout",
+    "TopologyError",
     "TraceSetupError",
     "TracingSourceError",
+    "UnsendableObject",
     "UnshardableModel",
     "WriteShapeError",
     "CONFIG",

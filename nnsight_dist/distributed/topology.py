@@ -10,7 +10,6 @@ model; ``dp`` replicas trace their own inputs. Nobody else does rank arithmetic.
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import re
 import socket
@@ -21,6 +20,8 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+
+from ..intervention.errors import TopologyError
 
 DEFAULT_TIMEOUT = 300.0
 
@@ -110,6 +111,8 @@ class Topology:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     mesh: Any = None
     _groups: dict = field(default_factory=dict, repr=False)
+    #: How many ``nd.gather_object``/``nd.broadcast_object`` calls this rank has made.
+    exchanges: int = field(default=0, repr=False)
 
     @property
     def dp_rank(self) -> int:
@@ -187,21 +190,31 @@ def init(tp: Optional[int] = None, pp: Optional[int] = None, backend: Optional[s
          timeout: Optional[float] = None) -> Topology:
     """Start (or return) the job's topology. Idempotent; ``tp``/``pp`` default to 1.
 
-    Raises ``ValueError`` when ``tp · pp`` does not divide the world size, or when a second
+    Raises :class:`TopologyError` (a ``ValueError``) on every rank when a degree is not a
+    positive integer, when ``tp · pp`` does not divide the world size, or when a second
     call asks for other degrees than the first.
     """
     global _TOPOLOGY
+    tp, pp = _degree("tp", tp), _degree("pp", pp)
     if _TOPOLOGY is not None:
         if (tp is not None and tp != _TOPOLOGY.tp) or (pp is not None and pp != _TOPOLOGY.pp):
-            raise ValueError(f"nd.init was already called with tp={_TOPOLOGY.tp}, pp={_TOPOLOGY.pp}")
+            asked = ", ".join(f"{k}={v}" for k, v in (("tp", tp), ("pp", pp)) if v is not None)
+            raise TopologyError(
+                f"nd.init({asked}) asks for other degrees than this job's mesh, made by an earlier "
+                f"nd.init (or nd.LanguageModel(..., tp=, pp=)) with tp={_TOPOLOGY.tp}, pp={_TOPOLOGY.pp}: "
+                "a job has one mesh; use the same degrees (or leave them out), or launch a new job"
+            )
         return _TOPOLOGY
     tp, pp = tp or 1, pp or 1
     seconds = timeout_seconds(timeout)
     launch = discover()
     if launch.world_size % (tp * pp):
-        raise ValueError(
-            f"tp={tp} × pp={pp} = {tp * pp} does not divide the world size {launch.world_size}: "
-            "launch a multiple of tp·pp ranks"
+        how = (f"launch {tp * pp} ranks (launch/torchrun.sh {tp * pp} script.py, or mpirun, or srun)"
+               if launch.launcher == "single" else
+               f"launch a multiple of {tp * pp} ranks, or choose degrees whose product divides {launch.world_size}")
+        raise TopologyError(
+            f"tp={tp} × pp={pp} = {tp * pp} does not divide the world size {launch.world_size} "
+            f"({'a single process, started by no launcher' if launch.launcher == 'single' else launch.launcher}): {how}"
         )
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", launch.local_rank % max(torch.cuda.device_count(), 1)) if cuda else torch.device("cpu")
@@ -223,6 +236,15 @@ def init(tp: Optional[int] = None, pp: Optional[int] = None, backend: Optional[s
         atexit.register(_shutdown)
     _TOPOLOGY = topo
     return topo
+
+
+def _degree(name: str, value: Any) -> Optional[int]:
+    """``value`` checked as a parallel degree (a positive integer, or ``None`` for "as set")."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise TopologyError(f"nd.init({name}={value!r}): {name} must be a positive integer (1 for no parallelism)")
+    return value
 
 
 def _build_groups(topo: Topology, cuda: bool) -> None:
@@ -248,39 +270,3 @@ def _build_groups(topo: Topology, cuda: bool) -> None:
         if topo.rank in ranks:
             topo._groups["router"] = group
     topo._groups["world"] = dist.new_group(list(range(topo.world_size)), backend=control, timeout=timeout)
-
-
-def _bytes_tensor(obj: Any) -> torch.Tensor:
-    return torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
-
-
-def gather_object(obj: Any, dst: int = 0) -> Optional[list]:
-    """Gather a JSON-able ``obj`` from every rank on ``dst`` (``None`` elsewhere). Never unpickles."""
-    topo = current()
-    if topo is None or not topo.distributed:
-        return [obj]
-    group = topo.group("world")
-    payload = _bytes_tensor(obj)
-    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(topo.world_size)]
-    dist.all_gather(sizes, torch.tensor([payload.numel()]), group=group)
-    width = int(max(s.item() for s in sizes))
-    padded = torch.zeros(width, dtype=torch.uint8)
-    padded[: payload.numel()] = payload
-    out = [torch.zeros(width, dtype=torch.uint8) for _ in range(topo.world_size)] if topo.rank == dst else None
-    dist.gather(padded, out, dst=dst, group=group)
-    if topo.rank != dst:
-        return None
-    return [json.loads(bytes(t[: int(s.item())].tolist()).decode()) for t, s in zip(out, sizes)]
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """``obj`` from rank ``src`` on every rank (JSON-able values only). Never unpickles."""
-    topo = current()
-    if topo is None or not topo.distributed:
-        return obj
-    group = topo.group("world")
-    size = torch.tensor([_bytes_tensor(obj).numel() if topo.rank == src else 0])
-    dist.broadcast(size, src=src, group=group)
-    payload = _bytes_tensor(obj) if topo.rank == src else torch.zeros(int(size.item()), dtype=torch.uint8)
-    dist.broadcast(payload, src=src, group=group)
-    return json.loads(bytes(payload.tolist()).decode())

@@ -163,7 +163,15 @@ class Envoy(Interventions):
         return envoy
 
     def __getitem__(self, key: int) -> "Envoy":
-        return self._children[key]
+        try:
+            return self._children[key]
+        except IndexError:
+            n = len(self._children)
+            raise ModulePathError(
+                f"{self.path} ({type(self._module).__name__}) has {n} children, so no [{key}]: "
+                f"use an index from 0 to {n - 1} (or -{n} to -1)" if n else
+                f"{self.path} ({type(self._module).__name__}) has no children, so no [{key}]"
+            ) from None
 
     def __iter__(self) -> Iterator["Envoy"]:
         return iter(self._children)

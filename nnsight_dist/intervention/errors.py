@@ -61,3 +61,14 @@ class RouterTimeout(NNsightError, TimeoutError):
 
 class UnshardableModel(NNsightError, ValueError):
     """A tensor- or pipeline-parallel degree the model cannot be split into."""
+
+
+class TopologyError(NNsightError, ValueError):
+    """A request that does not fit the launched job: ``tp · pp`` not dividing the world
+    size, a second ``nd.init`` with other degrees, a rank (``dst``/``src``) outside the
+    world or the replica, an exchange before ``nd.init`` on a multi-rank launch."""
+
+
+class UnsendableObject(NNsightError, TypeError):
+    """A value ``nd.gather_object``/``nd.broadcast_object`` cannot carry: only tensors and
+    JSON values (in lists, tuples and dicts) travel between ranks, nothing is pickled."""

@@ -26,7 +26,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ..intervention.envoy import EnvoyClasses, Rename
+from ..intervention.envoy import Envoy, EnvoyClasses, Rename
 from ..intervention.save import add_save_method
 from ..tracing.tracer import InterleavingTracer
 from .generator import Generator, GeneratorEnvoy
@@ -132,14 +132,35 @@ class TransformersModel(NNsight):
             return {path: Placement(path, 0, (0,)) for path, _ in self.named_modules()}
         return dict(self._placements)
 
-    def placement(self, path: str):
-        """The placement of the module at ``path`` (full, ``"model.model.layers.0"``, or relative)."""
+    def placement(self, path: Any):
+        """The placement of the module at ``path`` (full, ``"model.model.layers.0"``, or
+        relative) or of an envoy; :class:`ModulePathError` naming where the path breaks."""
+        if isinstance(path, Envoy):
+            path = path.path
+        if not isinstance(path, str):
+            raise TypeError(f"placement takes a module path (\"model.layers.0\") or an envoy, not {type(path).__name__}")
         table = self.placements()
         for candidate in (path, f"{self.path}.{path}"):
             if candidate in table:
                 return table[candidate]
-        self.get(path.removeprefix(self.path + "."))  # raises ModulePathError with near names
+        # Read as a full path and as a relative one (the root's name, "model", is often its
+        # child's too): the error is raised where the reading that goes deeper breaks.
+        readings = list(dict.fromkeys((path.removeprefix(self.path + "."), path)))
+        self.get(max(readings, key=self._resolved))  # raises ModulePathError with near names
         raise KeyError(path)
+
+    def _resolved(self, path: str) -> int:
+        """How many leading components of the relative ``path`` name modules."""
+        envoy, n = self, 0
+        for part in [p for p in path.split(".") if p]:
+            try:
+                envoy = envoy.get(part)
+            except AttributeError:
+                break
+            if not isinstance(envoy, Envoy):
+                break
+            n += 1
+        return n
 
     @property
     def config(self) -> Any:

@@ -221,7 +221,7 @@ class InterleavingTracer(_Block):
                     il.observe(location, cache.recorder(envoy.path, key, narrow), local=sharded)
                     placements[(envoy.path, key)] = il.seam.placement(location)
         if sharded:
-            cache.cache._gather = lambda dst: il.seam.gather_cache(cache.cache, placements, dst)
+            cache.cache._gather = lambda dst: _gather(il, cache.cache, placements, dst)
         return saving.save(cache.cache)
 
     def _module_at(self, path: str) -> Any:
@@ -350,6 +350,17 @@ class ScanningTracer(InterleavingTracer):
 
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             return self._run(map_tensors(args, mode.from_tensor), map_tensors(kwargs, mode.from_tensor))
+
+
+def _gather(il: Interleaver, cache: CacheDict, placements: dict, dst: int) -> Any:
+    """``cache.gather(dst)`` of a sharded cache, which is complete only once its trace is over."""
+    if il.active:
+        raise NNsightError(
+            "cache.gather() was called inside a trace, where the sharded cache is still filling "
+            "(it would assemble what the ranks hold so far): call it after the `with` block, "
+            "on every rank of the replica"
+        )
+    return il.seam.gather_cache(cache, placements, dst)
 
 
 def _recorder(envoy: Any, key: str) -> Callable[[Any, int], None]:
