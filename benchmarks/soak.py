@@ -124,10 +124,10 @@ def body_read_edit(model, batch, rank):
     return [logits]
 
 
-def body_barrier(model, batch, rank):
+def body_barrier(model, batch, rank, participants=2):
     layers = model.model.layers
     with model.trace() as tracer:
-        barrier = tracer.barrier(2)
+        barrier = tracer.barrier(participants)
         with tracer.invoke(batch):
             h0 = layers[0].output[:, -1]
             barrier()
@@ -238,16 +238,7 @@ def fault_cache_observer(model, batch, rank):
 
 
 def fault_barrier_too_few(model, batch, rank):
-    layers = model.model.layers
-    with model.trace() as tracer:
-        barrier = tracer.barrier(3)  # three participants, two invokes
-        with tracer.invoke(batch):
-            h0 = layers[0].output[:, -1]
-            barrier()
-        with tracer.invoke(batch):
-            barrier()
-            layers[2].output[:, -1] = h0
-            model.lm_head.output.save()
+    return body_barrier(model, batch, rank, participants=3)  # three participants, two invokes
 
 
 BODIES: dict[str, Callable] = {name: globals()[f"body_{name}"] for name in CORRECT}

@@ -160,6 +160,25 @@ class Tiny:
             return self.ref.generate(**enc, **kwargs)
 
 
+def nnsight_pair(path: str) -> tuple[Any, Any]:
+    """``(nnsight 0.8.1 model, nd model)`` on the same checkpoint, for side-by-side tests.
+
+    nd's model is built first, so its ``.save()`` methods are installed before nnsight's.
+    nnsight 0.8.1 cannot infer the tokenizer of a local directory under transformers 5
+    ("Impossible to guess which tokenizer to use"): it is given explicitly.
+    """
+    import importlib
+    import warnings
+
+    ours = nd.LanguageModel(path)
+    nnsight = importlib.import_module("nnsight")
+    tok = transformers.AutoTokenizer.from_pretrained(path, padding_side="left")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = nnsight.LanguageModel(path, tokenizer=tok, dispatch=True)
+    return theirs, ours
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("tiny")

@@ -18,7 +18,7 @@ import torch
 import transformers
 
 import nnsight_dist as nd
-from conftest import ARCHS, LONG, SAME_LEN, SHORT, close, equal
+from conftest import ARCHS, LONG, SAME_LEN, SHORT, close, equal, nnsight_pair
 
 # nnsight is imported lazily, by the fixture, once nd has installed its `.save()` methods:
 # importing it at collection time would take `.save()` over for the whole session (see
@@ -40,15 +40,8 @@ POSITIONS = (
 def pair(request, tiny_dirs):
     """(arch, nnsight model, nd model) on the same checkpoint."""
     global nnsight
-    path = tiny_dirs[request.param]
-    ours = nd.LanguageModel(path)  # first: nd's `.save()` methods are installed before nnsight's
+    theirs, ours = nnsight_pair(tiny_dirs[request.param])
     nnsight = importlib.import_module("nnsight")
-    # nnsight 0.8.1 cannot infer the tokenizer of a local directory under transformers 5
-    # ("Impossible to guess which tokenizer to use"): give it explicitly.
-    tok = transformers.AutoTokenizer.from_pretrained(path, padding_side="left")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = nnsight.LanguageModel(path, tokenizer=tok, dispatch=True)
     return request.param, theirs, ours
 
 

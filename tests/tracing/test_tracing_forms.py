@@ -20,7 +20,7 @@ import torch
 import transformers
 
 import nnsight_dist as nd
-from conftest import SAME_LEN, equal
+from conftest import SAME_LEN, equal, nnsight_pair
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("nnsight") is None, reason="nnsight is not installed")
 
@@ -31,14 +31,7 @@ GEN = dict(max_new_tokens=3, do_sample=False)
 @pytest.fixture(scope="module")
 def pair(tiny_dirs):
     """(nnsight model, nd model) on the same llama checkpoint."""
-    path = tiny_dirs["llama"]
-    ours = nd.LanguageModel(path)  # first: nd's `.save()` methods are installed before nnsight's
-    nnsight = importlib.import_module("nnsight")
-    tok = transformers.AutoTokenizer.from_pretrained(path, padding_side="left")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = nnsight.LanguageModel(path, tokenizer=tok, dispatch=True)
-    return theirs, ours
+    return nnsight_pair(tiny_dirs["llama"])
 
 
 def both(pair, scenario, *args):
