@@ -292,7 +292,9 @@ class InterleavingTracer(_Block):
             il.mediators = mediators + [root]
             for med in mediators:
                 il.start(med)
-            self._go(args, {**kwargs, **self._kwargs})
+            kwargs = {**kwargs, **self._kwargs}
+            il.seam.inputs(args, kwargs)
+            self._go(args, kwargs)
             il.seam.close()
         except BaseException as error:
             cause = il.seam.fail(error)
