@@ -143,10 +143,13 @@ class ReplicaSeam(Seam):
             self.router.broadcast(("v", mediator, seq, location), value)
 
     def fetch(self, mediator: int, seq: int, location: str) -> tuple[bool, Any]:
-        self.log.append((mediator, seq, location))
         # A message for this request under another location is left over and reported as a
-        # divergence when the trace drains.
-        return self.router.take(("v", mediator, seq, location))
+        # divergence when the trace drains. A request is logged once it is served, as on its
+        # owner: one the run never reaches (a step loop cut short) is logged nowhere.
+        found, value = self.router.take(("v", mediator, seq, location))
+        if found:
+            self.log.append((mediator, seq, location))
+        return found, value
 
     def check_call(self, path: str) -> None:
         """A module whose submodules run on different stages holds placeholders for the
@@ -169,9 +172,11 @@ class ReplicaSeam(Seam):
         what = f"the ad-hoc call of {module} (request {seq} of {self._name(mediator)})"
         self._calls[(mediator, seq)] = location
         try:
-            return self.router.wait(("v", mediator, seq, location), what, source)
+            value = self.router.wait(("v", mediator, seq, location), what, source)
         finally:
             del self._calls[(mediator, seq)]
+        self.log.append((mediator, seq, location))
+        return value
 
     def _name(self, mediator: int) -> str:
         med = next((m for m in self.interleaver.mediators if m.index == mediator), None)
@@ -350,6 +355,7 @@ class ReplicaSeam(Seam):
             if med is not None:
                 self._check_same(location, med.wait.location, mediator, seq)
                 self.router.mailbox.pop((self.router.trace, key), None)
+                self.log.append((mediator, seq, location))
                 self.interleaver.deliver(mediator, seq, value)
             elif (mediator, seq) in self._calls:  # waited for in wait_remote, which takes it
                 self._check_same(location, self._calls[(mediator, seq)], mediator, seq)
