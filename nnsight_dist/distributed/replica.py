@@ -457,8 +457,7 @@ class ReplicaSeam(Seam):
                 )
             else:
                 cause = RemoteError(-1, f"a rank of the replica stopped answering ({error}); it probably died")
-        if cause is None:
-            self.failures.publish(error)
+        self.failures.publish(cause or error)  # not if it came from another rank
         if not broken and not getattr(error, "lost", False):
             self._settle()
         return cause

@@ -70,6 +70,7 @@ def sequence(rank: int, model, eos: int) -> list[tuple[str, dict, dict]]:
             x = layers[0].mlp.input
             if rank == ALONE:
                 raise ValueError(f"boom on rank {rank} only")
+            u = layers[0].mlp.up_proj.output.save()                # column-parallel: gathered
             y = layers[0].mlp.down_proj.output.save()
             z = model.lm_head.output.save()
     faults["exception on one rank"] = body_one
