@@ -43,16 +43,33 @@ class Failures:
         #: This rank's own failure in the current trace: waits end at once (see :meth:`wait`).
         self.failed: Optional[BaseException] = None
         self.published = False
+        self._written: list[tuple[int, str]] = []
         #: Collectives issued in the current trace: group name -> [[kind, dtype, shape], ...].
         self.ledger: dict[str, list] = {}
         self._names = {id(g): name for name, g in topo._groups.items()}
 
     def begin(self, trace: int) -> None:
-        """Start trace number ``trace``: no failure, an empty ledger."""
+        """Start trace number ``trace``: no failure, an empty ledger; the store keys this
+        rank wrote two traces ago are deleted (every rank has read them: it passed the end
+        of the trace after, or failed it, and so finished the one before)."""
         self.trace = trace
         self.failed = None
         self.published = False
         self.ledger = {}
+        old = [key for t, key in self._written if t <= trace - 2]
+        self._written = [(t, key) for t, key in self._written if t > trace - 2]
+        try:
+            for key in old:
+                self._store.delete_key(key)
+        except (RuntimeError, dist.DistError):
+            pass  # the store is gone: the next wait says so
+
+    def set(self, what: str, value: str) -> None:
+        """Write ``value`` under this trace's and rank's key ``what`` in the store
+        (``nnsight_dist/<what>/<trace>/<rank>``, deleted two traces later)."""
+        key = f"nnsight_dist/{what}/{self.trace}/{self.topo.rank}"
+        self._store.set(key, value)
+        self._written.append((self.trace, key))
 
     def _key(self, rank: int) -> str:
         return f"nnsight_dist/error/{self.trace}/{rank}"
@@ -66,7 +83,7 @@ class Failures:
         self.published = True
         payload = json.dumps({"rank": self.topo.rank, "type": type(error).__name__, "message": str(error)})
         try:
-            self._store.set(self._key(self.topo.rank), payload)
+            self.set("error", payload)
         except (RuntimeError, dist.DistError):
             pass  # the store is gone (its host rank died): the others find out by themselves
 

@@ -472,7 +472,7 @@ class ReplicaSeam(Seam):
             return
         trace, me = self.router.trace, self.topo.rank
         try:
-            store.set(f"nnsight_dist/end/{trace}/{me}", json.dumps(self.failures.ledger))
+            self.failures.set("end", json.dumps(self.failures.ledger))
             ledgers = {me: self.failures.ledger}
             pending = [r for r in self.topo.replica_ranks() if r != me]
             deadline = time.monotonic() + self.topo.timeout
@@ -502,7 +502,7 @@ class ReplicaSeam(Seam):
         group = self.topo.group("replica")
         self.failures.all_gather(parts, mine, group, "the end-of-trace barrier", "the replica")
         if self.failures._store is not None:
-            self.failures._store.set(f"nnsight_dist/done/{self.router.trace}/{self.topo.rank}", "ok")
+            self.failures.set("done", "ok")
             # (read by a failing rank deciding whether the others are still running)
         if all(torch.equal(p, mine) for p in parts):
             return
