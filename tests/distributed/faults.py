@@ -154,7 +154,7 @@ def sequence(rank: int, model, eos: int) -> list[tuple[str, dict, dict]]:
 
     def cache_observer():
         with model.trace(PROMPT) as tracer:
-            cache = tracer.cache(modules=[layers[0].mlp, layers[3].mlp], device="cuda:0")
+            cache = tracer.cache(modules=[layers[0].mlp.up_proj, layers[0].mlp, layers[3].mlp], dtype="no-such-dtype")
     faults["an exception inside a cache observer"] = cache_observer
 
     def barrier_short():
