@@ -15,8 +15,9 @@ import nnsight_dist as nd
 
 PROMPT = "The Eiffel Tower is in the city of"
 
-#: The rank that fails alone in the one-rank faults (stage 1 at pp=2; tp rank 1 at tp=2).
-ALONE = 1
+#: One-rank faults: the fault's name -> the rank that fails alone (``-1``: the last rank
+#: of the job: stage 1's last tp rank, or the second replica's at dp=2).
+ALONE = {"exception on one rank": 1, "exception on the last rank, after a stage-1 edit": -1}
 
 
 def correct(model) -> dict[str, torch.Tensor]:
@@ -52,11 +53,12 @@ def _outcome(fn: Callable[[], Any]) -> dict:
     return out
 
 
-def sequence(rank: int, model, eos: int) -> list[tuple[str, dict, dict]]:
+def sequence(rank: int, model, eos: int, world: int = 1) -> list[tuple[str, dict, dict]]:
     """Run every fault, each followed by :func:`correct`: ``[(fault, outcome, correct outcome)]``.
 
     ``eos`` is the greedy first generated token of :data:`PROMPT` (an EOS at step 0)."""
     layers = model.model.layers
+    alone = {name: r % world if world > 1 else None for name, r in ALONE.items()}  # one process: nobody
     faults: dict[str, Callable[[], Any]] = {}
 
     def body_all():
@@ -68,12 +70,22 @@ def sequence(rank: int, model, eos: int) -> list[tuple[str, dict, dict]]:
     def body_one():
         with model.trace(PROMPT):
             x = layers[0].mlp.input
-            if rank == ALONE:
+            if rank == alone["exception on one rank"]:
                 raise ValueError(f"boom on rank {rank} only")
             u = layers[0].mlp.up_proj.output.save()                # column-parallel: gathered
             y = layers[0].mlp.down_proj.output.save()
             z = model.lm_head.output.save()
     faults["exception on one rank"] = body_one
+
+    def last_one():
+        with model.trace(PROMPT):
+            layers[2].mlp.output = layers[2].mlp.output * 2
+            q = layers[3].self_attn.q_proj.output                  # column-parallel, stage 1
+            if rank == alone["exception on the last rank, after a stage-1 edit"]:
+                raise ValueError(f"boom on rank {rank} only")
+            h = layers[3].mlp.down_proj.input.save()               # row-parallel input: gathered
+            z = model.lm_head.output.save()
+    faults["exception on the last rank, after a stage-1 edit"] = last_one
 
     def after_remote():
         with model.trace(PROMPT):

@@ -1,6 +1,6 @@
-"""The fault matrix (issue 7) at tp=2, pp=2 and tp=2 × pp=2: one forked rank group per
-topology runs every fault of :mod:`.faults`, each followed by a correct trace (and with
-dp=2, the second replica must be untouched by the first's one-rank faults). Each
+"""The fault matrix (issue 7) at tp=2, pp=2, tp=2 × pp=2 and tp=2 with dp=2: one forked
+rank group per topology runs every fault of :mod:`.faults`, each followed by a correct
+trace (with dp=2, a replica must be untouched by the other's one-rank faults). Each
 fault must end on every rank as it does in one process (the same error, or a
 ``RemoteError`` naming it; for a one-rank exception, the error on its rank and a
 ``RemoteError`` naming that rank everywhere else; a divergence as ``DivergenceError``),
@@ -32,8 +32,8 @@ def reference(tmp_path_factory):
     return path, eos, sequence(0, model, eos)
 
 
-def _rank(rank: int, path: str, tp: int, pp: int, eos: int) -> list:
-    return sequence(rank, nd.LanguageModel(path, tp=tp, pp=pp), eos)
+def _rank(rank: int, path: str, tp: int, pp: int, eos: int, world: int) -> list:
+    return sequence(rank, nd.LanguageModel(path, tp=tp, pp=pp), eos, world)
 
 
 def _same_values(got: dict, want: dict, where: str) -> None:
@@ -47,18 +47,15 @@ def test_fault_matrix(reference, topology):
     path, eos, expected = reference
     world, tp, pp = TOPOLOGIES[topology]
     start = time.monotonic()
-    results = run_ranks(_rank, world, path, tp, pp, eos, timeout=300, env={"NNSIGHT_DIST_TIMEOUT": "60"})
+    results = run_ranks(_rank, world, path, tp, pp, eos, world, timeout=300, env={"NNSIGHT_DIST_TIMEOUT": "60"})
     took = time.monotonic() - start
     problems = []
     for rank, outcomes in enumerate(results):
         assert [name for name, _, _ in outcomes] == [name for name, _, _ in expected]
         for (name, got, after), (_, want, want_after) in zip(outcomes, expected):
             where = f"{topology} rank {rank}, {name}"
-            # With dp=2 the second replica's ranks neither fail alone nor diverge: they trace
-            # as one process does.
-            first_replica = rank // (tp * pp) == 0
             try:
-                _check(name, rank, got, want, where, first_replica)
+                _check(name, rank, got, want, where, world, tp * pp)
             except AssertionError as e:
                 problems.append(str(e))
             try:
@@ -70,16 +67,22 @@ def test_fault_matrix(reference, topology):
     print(f"{topology}: {len(expected)} faults and their next traces in {took:.1f} s")
 
 
-def _check(name: str, rank: int, got: dict, want: dict, where: str, first_replica: bool) -> None:
-    """``got`` (a rank's outcome of fault ``name``) against ``want`` (one process's)."""
-    if name == "exception on one rank" and first_replica:
-        if rank == ALONE:
+def _check(name: str, rank: int, got: dict, want: dict, where: str, world: int, replica: int) -> None:
+    """``got`` (a rank's outcome of fault ``name``) against ``want`` (one process's). A
+    one-rank fault fails its rank and, as ``RemoteError``, the rest of its replica; a
+    divergent branch (``rank == 0``) the first replica. Other replicas (dp=2) are untouched
+    and trace as one process does."""
+    if name in ALONE:
+        alone = ALONE[name] % world
+        if rank == alone:
             assert got.get("error") == "ValueError", f"{where}: {got}"
-        else:
+            return
+        if rank // replica == alone // replica:
             assert (got.get("error"), got.get("origin"), got.get("origin_error")) == \
-                ("RemoteError", ALONE, "ValueError"), f"{where}: {got}"
-            assert f"boom on rank {ALONE} only" in got["message"], where
-    elif name == "a rank-divergent branch" and first_replica:
+                ("RemoteError", alone, "ValueError"), f"{where}: {got}"
+            assert f"boom on rank {alone} only" in got["message"], where
+            return
+    if name == "a rank-divergent branch" and rank // replica == 0:
         assert got.get("error") == "DivergenceError", f"{where}: {got}"
     elif "error" in want:
         kind = got.get("origin_error") if got.get("error") == "RemoteError" else got.get("error")
