@@ -17,7 +17,8 @@ PROMPT = "The Eiffel Tower is in the city of"
 
 #: One-rank faults: the fault's name -> the rank that fails alone (``-1``: the last rank
 #: of the job: stage 1's last tp rank, or the second replica's at dp=2).
-ALONE = {"exception on one rank": 1, "exception on the last rank, after a stage-1 edit": -1}
+ALONE = {"exception on one rank": 1, "exception on the last rank, after a stage-1 edit": -1,
+         "exception on one rank before the model runs": 1, "exception on one rank at generation step 1": -1}
 
 
 def correct(model) -> dict[str, torch.Tensor]:
@@ -86,6 +87,22 @@ def sequence(rank: int, model, eos: int, world: int = 1) -> list[tuple[str, dict
             h = layers[3].mlp.down_proj.input.save()               # row-parallel input: gathered
             z = model.lm_head.output.save()
     faults["exception on the last rank, after a stage-1 edit"] = last_one
+
+    def before_model():
+        with model.trace(PROMPT):
+            if rank == alone["exception on one rank before the model runs"]:
+                raise ValueError(f"boom on rank {rank} only")
+            h = layers[3].output.save()
+    faults["exception on one rank before the model runs"] = before_model
+
+    def generation_step():
+        with model.generate(PROMPT, max_new_tokens=3, do_sample=False) as tracer:
+            hs = nd.save([])
+            for step in tracer.iter[0:3]:
+                hs.append(layers[3].mlp.down_proj.input[:, -1].clone())
+                if step == 1 and rank == alone["exception on one rank at generation step 1"]:
+                    raise ValueError(f"boom on rank {rank} only")
+    faults["exception on one rank at generation step 1"] = generation_step
 
     def after_remote():
         with model.trace(PROMPT):
