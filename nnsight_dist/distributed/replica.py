@@ -487,8 +487,8 @@ class ReplicaSeam(Seam):
                 if pending:
                     time.sleep(0.002)
             self.failures.reconcile(ledgers)
-        except (RuntimeError, dist.DistError):
-            pass  # the store is gone (its host rank died): nothing to settle with
+        except (RuntimeError, dist.DistError, RemoteError):
+            pass  # the store or a peer is gone (a rank died): nothing to settle with; the error stands
 
     def _barrier(self) -> None:
         il = self.interleaver

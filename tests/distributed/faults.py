@@ -141,12 +141,13 @@ def sequence(rank: int, model, eos: int, world: int = 1) -> list[tuple[str, dict
     faults["a rank-divergent branch"] = divergent
 
     def eos_early():
+        after = None
         with model.generate(PROMPT, max_new_tokens=3, do_sample=False, eos_token_id=eos, pad_token_id=eos) as tracer:
             hs = nd.save([])
             for step in tracer.all():
                 hs.append(layers[3].output[:, -1].clone())
             after = layers[0].output.save()                        # not reached: the loop is cut
-        return {"hs": torch.stack(hs)}
+        return {"hs": torch.stack(hs), "after the loop ran": torch.tensor(after is not None)}
     faults["generate ending at step 0 (EOS)"] = eos_early
 
     def loop_too_long():
