@@ -27,6 +27,8 @@ from ..intervention.errors import DivergenceError, NNsightError, RemoteError, Ro
 from .topology import Topology
 
 _CHECK_EVERY = 0.02
+#: Set once a rank of the job is lost (died, or a process group broke): for good.
+_LOST = "nnsight_dist/lost"
 _SHARED_KINDS = {"DivergenceError": DivergenceError, "RouterTimeout": RouterTimeout}
 
 
@@ -87,8 +89,18 @@ class Failures:
         except (RuntimeError, dist.DistError):
             pass  # the store is gone (its host rank died): the others find out by themselves
 
+    def mark_lost(self, rank: int, message: str) -> None:
+        """Tell the job that rank ``rank`` (``-1``: unknown) is lost: every wait of every
+        rank then raises a :class:`RemoteError` whose ``lost`` is True, now and later."""
+        try:
+            if self._store is not None:
+                self._store.set(_LOST, json.dumps({"rank": rank, "message": message}))
+        except (RuntimeError, dist.DistError):
+            pass  # the store is gone with its host: the others find out by themselves
+
     def remote(self) -> Optional[NNsightError]:
-        """The error another rank of the replica published for this trace, if any.
+        """The error another rank of the replica published for this trace, if any, or the
+        loss of a rank of the job (:meth:`mark_lost`), first.
 
         A divergence or a timeout seen elsewhere is raised here as the same error (naming
         the rank that saw it); anything else as :class:`RemoteError`.
@@ -96,6 +108,11 @@ class Failures:
         if self._store is None:
             return None
         try:
+            if self._store.check([_LOST]):
+                data = json.loads(self._store.get(_LOST).decode())
+                error = RemoteError(data["rank"], f"{data['message']}; the job cannot trace any more: restart it")
+                error.lost = True
+                return error
             for rank in self.topo.replica_ranks():
                 key = self._key(rank)
                 if rank != self.topo.rank and self._store.check([key]):
@@ -110,14 +127,15 @@ class Failures:
             return None
         return None
 
-    def check(self, force: bool = False) -> None:
-        """Raise the error another rank published (checked at most every 20 ms)."""
+    def check(self, force: bool = False, lost_only: bool = False) -> None:
+        """Raise the error another rank published (checked at most every 20 ms); with
+        ``lost_only``, only the loss of a rank."""
         now = time.monotonic()
         if not force and now - self._last_check < _CHECK_EVERY:
             return
         self._last_check = now
         error = self.remote()
-        if error is not None:
+        if error is not None and (not lost_only or getattr(error, "lost", False)):
             raise error
 
     def wait(self, done: Callable[[], bool], what: str, source: Any, progress: Optional[Callable[[], bool]] = None,
@@ -128,9 +146,10 @@ class Failures:
         Raises :class:`RemoteError` when another rank failed meanwhile, this rank's own
         failure (:attr:`failed`) when it failed meanwhile, and :class:`RouterTimeout` after
         the topology's timeout. An ``engine`` wait (the engine's stage-to-stage transfers)
-        ends only with its message or the timeout: every rank runs its model call to the
-        end, also after a failure, so the message comes, and ranks of a tensor-parallel
-        group must compute on the same messages to keep the engine's collectives matched.
+        ends only with its message, the timeout or a lost rank: every rank runs its model
+        call to the end, also after a failure, so the message comes, and ranks of a
+        tensor-parallel group must compute on the same messages to keep the engine's
+        collectives matched.
         """
         if done():
             return
@@ -144,6 +163,8 @@ class Failures:
                 if self.failed is not None:
                     raise self.failed
                 self.check()
+            else:
+                self.check(lost_only=True)
             if time.monotonic() > deadline:
                 sender = f"rank {source}" if isinstance(source, int) else str(source)
                 waiting = self.context() if self.context is not None else ""

@@ -45,7 +45,7 @@ from ..intervention.batcher import tensors
 from ..intervention.interleaver import Interleaver
 from ..intervention.seam import Codec, Seam
 from .exchange import all_gather_json, gather_cache
-from .failure import Failures
+from .failure import _LOST, Failures
 from .placement import LOCAL, WHOLE, LayoutCodec, Placement, fragmented
 from .router import Router, _shape_only
 from .topology import Topology, at_exit
@@ -444,8 +444,9 @@ class ReplicaSeam(Seam):
 
         A failure that is a consequence of another rank's (a broken connection, a collective
         that failed) is reported as that rank's error. Otherwise this rank's error is
-        published. Then the trace is settled (:meth:`_settle`), unless a rank was lost:
-        then nobody is left to settle with, and the job must restart.
+        published. Then the trace is settled (:meth:`_settle`), unless a rank was lost (or
+        a process group broke): then nobody is left to settle with, every rank is told
+        (:meth:`.Failures.mark_lost`) and the job must restart.
         """
         broken = not isinstance(error, NNsightError) and _communication(error)
         cause = self.failures.remote() if broken else None
@@ -458,8 +459,13 @@ class ReplicaSeam(Seam):
             else:
                 cause = RemoteError(-1, f"a rank of the replica stopped answering ({error}); it probably died")
         self.failures.publish(cause or error)  # not if it came from another rank
-        if not broken and not getattr(error, "lost", False):
+        lost = cause if broken else error if getattr(error, "lost", False) else None
+        if lost is None:
             self._settle()
+        elif isinstance(lost, RemoteError):
+            self.failures.mark_lost(lost.rank, lost.remote_message)
+        else:
+            self.failures.mark_lost(-1, str(lost))
         return cause
 
     def _settle(self) -> None:
@@ -477,6 +483,8 @@ class ReplicaSeam(Seam):
             pending = [r for r in self.topo.replica_ranks() if r != me]
             deadline = time.monotonic() + self.topo.timeout
             while pending and time.monotonic() < deadline:
+                if store.check([_LOST]):
+                    return  # a rank died: nobody is left to settle with
                 for rank in list(pending):
                     key = f"nnsight_dist/end/{trace}/{rank}"
                     if store.check([key]):
