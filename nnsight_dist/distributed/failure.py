@@ -5,7 +5,8 @@ operation, and while polling it watches the job's store for an error published b
 rank of the replica. A rank whose trace fails publishes its error (:meth:`publish`), so
 the others raise :class:`RemoteError` naming the origin rank and its message instead of
 waiting; a wait that outlives the timeout raises :class:`RouterTimeout` naming what was
-awaited and from which rank.
+awaited and from which rank. A rank that finds a peer dead (or a process group broken)
+marks the whole job lost (:meth:`mark_lost`): every wait of every rank then ends at once.
 
 It also keeps this trace's *ledger*: every collective nnsight_dist issues during a trace
 (:meth:`all_gather`, :meth:`all_reduce`) is recorded with its group, kind, dtype and shape.
