@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 import torch
-import torch.distributed as dist
 
 from ..intervention.batcher import rebuild
 from ..intervention.errors import NNsightError
@@ -241,12 +240,10 @@ class LayoutCodec(Codec):
         t = t.contiguous()
         if partial:
             out = t.clone()
-            work = dist.all_reduce(out, group=self.group, async_op=True)
-            self.failures.wait_work(work, f"the all-reduce of {where}", "its tensor-parallel group")
+            self.failures.all_reduce(out, self.group, f"the all-reduce of {where}", "its tensor-parallel group")
             return out
         parts = [torch.empty_like(t) for _ in range(self.tp)]
-        work = dist.all_gather(parts, t, group=self.group, async_op=True)
-        self.failures.wait_work(work, f"the all-gather of {where}", "its tensor-parallel group")
+        self.failures.all_gather(parts, t, self.group, f"the all-gather of {where}", "its tensor-parallel group")
         return torch.cat(parts, dim=dim)
 
     def _cut(self, t: torch.Tensor, dim: Optional[int], partial: bool) -> torch.Tensor:

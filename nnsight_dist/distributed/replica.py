@@ -19,8 +19,14 @@ At the end of a trace (:meth:`ReplicaSeam.drain`) the ranks tell each other how 
 messages each sent to each, drain their streams until all have arrived (serving late
 arrivals), complete their sends, and pass a cross-rank barrier comparing a digest of what
 they served (:meth:`ReplicaSeam.close`): a difference raises :class:`DivergenceError`
-naming the first one. A failed
-trace publishes its error so the other ranks raise :class:`RemoteError` instead of waiting.
+naming the first one.
+
+A failed run publishes its error at once (:meth:`ReplicaSeam.failed`), so the other ranks
+raise :class:`RemoteError` instead of waiting, and runs its model call to the end without
+interventions (the engine's collectives and transfers match). Every rank then *settles*
+the trace (:meth:`ReplicaSeam.fail`): it writes the ledger of the collectives it issued to
+the store, reads the others', and issues the ones it missed, so that nothing is left
+posted, half-matched or counted differently when the next trace starts.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from ..intervention.batcher import tensors
 from ..intervention.interleaver import Interleaver
 from ..intervention.seam import Codec, Seam
 from .exchange import all_gather_json, gather_cache
-from .failure import Failures
+from .failure import _LOST, Failures
 from .placement import LOCAL, WHOLE, LayoutCodec, Placement, fragmented
 from .router import Router, _shape_only
 from .topology import Topology, at_exit
@@ -80,6 +86,7 @@ class ReplicaSeam(Seam):
     """See the module docstring."""
 
     routing = True
+    tolerant = True
 
     def __init__(self, topo: Topology, placements: dict[str, Placement], interleaver: Interleaver,
                  opaque: tuple[type, ...] = ()) -> None:
@@ -136,10 +143,13 @@ class ReplicaSeam(Seam):
             self.router.broadcast(("v", mediator, seq, location), value)
 
     def fetch(self, mediator: int, seq: int, location: str) -> tuple[bool, Any]:
-        self.log.append((mediator, seq, location))
         # A message for this request under another location is left over and reported as a
-        # divergence when the trace drains.
-        return self.router.take(("v", mediator, seq, location))
+        # divergence when the trace drains. A request is logged once it is served, as on its
+        # owner: one the run never reaches (a step loop cut short) is logged nowhere.
+        found, value = self.router.take(("v", mediator, seq, location))
+        if found:
+            self.log.append((mediator, seq, location))
+        return found, value
 
     def check_call(self, path: str) -> None:
         """A module whose submodules run on different stages holds placeholders for the
@@ -162,9 +172,11 @@ class ReplicaSeam(Seam):
         what = f"the ad-hoc call of {module} (request {seq} of {self._name(mediator)})"
         self._calls[(mediator, seq)] = location
         try:
-            return self.router.wait(("v", mediator, seq, location), what, source)
+            value = self.router.wait(("v", mediator, seq, location), what, source)
         finally:
             del self._calls[(mediator, seq)]
+        self.log.append((mediator, seq, location))
+        return value
 
     def _name(self, mediator: int) -> str:
         med = next((m for m in self.interleaver.mediators if m.index == mediator), None)
@@ -222,8 +234,8 @@ class ReplicaSeam(Seam):
         for items in by_dtype.values():
             flat = torch.cat([item[3].reshape(-1) for item in items])
             parts = [torch.empty_like(flat) for _ in range(tp)]
-            work = dist.all_gather(parts, flat, group=group, async_op=True)
-            self.failures.wait_work(work, "the all-gather of the cached fragments", "its tensor-parallel group")
+            self.failures.all_gather(parts, flat, group, "the all-gather of the cached fragments",
+                                     "its tensor-parallel group")
             offset = 0
             for observer, visit, location, local, codec in items:
                 n = local.numel()
@@ -353,6 +365,13 @@ class ReplicaSeam(Seam):
             )
 
     def _arrived(self, source: int, key: tuple, value: Any) -> None:
+        try:
+            self._take(key, value)
+        except Exception as error:  # a divergence, or an observer's error: the run fails
+            if not self.interleaver.tolerate(error):
+                raise
+
+    def _take(self, key: tuple, value: Any) -> None:
         kind = key[0]
         if kind == "v":
             _, mediator, seq, location = key
@@ -360,6 +379,7 @@ class ReplicaSeam(Seam):
             if med is not None:
                 self._check_same(location, med.wait.location, mediator, seq)
                 self.router.mailbox.pop((self.router.trace, key), None)
+                self.log.append((mediator, seq, location))
                 self.interleaver.deliver(mediator, seq, value)
             elif (mediator, seq) in self._calls:  # waited for in wait_remote, which takes it
                 self._check_same(location, self._calls[(mediator, seq)], mediator, seq)
@@ -383,9 +403,6 @@ class ReplicaSeam(Seam):
     def begin(self) -> None:
         """Start a trace."""
         self.failures.context = self._waiting
-        if not dist.is_initialized():
-            raise RemoteError(-1, "the process group was torn down after a rank failed in an earlier trace: "
-                                  "the job cannot trace any more; restart it")
         self.checking = _check_mode()
         self.router.on_message = self._arrived
         self.router.next_trace()
@@ -413,8 +430,7 @@ class ReplicaSeam(Seam):
         if self._expected is None:
             mine = torch.tensor([router.sent.get(r, 0) for r in ranks], dtype=torch.long)
             parts = [torch.zeros(len(ranks), dtype=torch.long) for _ in ranks]
-            work = dist.all_gather(parts, mine, group=self.topo.group("replica"), async_op=True)
-            self.failures.wait_work(work, "the end of the trace", "the replica")
+            self.failures.all_gather(parts, mine, self.topo.group("replica"), "the end of the trace", "the replica")
             me = ranks.index(self.topo.rank)
             self._expected = {peer: int(parts[ranks.index(peer)][me]) for peer in router.peers}
         router.wait_received(self._expected)
@@ -440,14 +456,21 @@ class ReplicaSeam(Seam):
         self._barrier()
         self._compare_checks()
 
+    def failed(self, error: BaseException) -> None:
+        """The run failed here: tell the other ranks now (they stop waiting for this one and
+        fail their runs too); end this rank's waits; ignore what still arrives."""
+        self.failures.publish(error)
+        self.failures.failed = error
+        self.router.on_message = None
+
     def fail(self, error: BaseException) -> Optional[BaseException]:
         """Close a failed trace; returns the error to raise instead of ``error``, if any.
 
         A failure that is a consequence of another rank's (a broken connection, a collective
         that failed) is reported as that rank's error. Otherwise this rank's error is
-        published; ranks still blocked in a collective waiting for this one after a few
-        seconds are unblocked by tearing the process group down (their wait fails at once
-        and they read the published error) instead of waiting for the timeout.
+        published. Then the trace is settled (:meth:`_settle`), unless a rank was lost (or
+        a process group broke): then nobody is left to settle with, every rank is told
+        (:meth:`.Failures.mark_lost`) and the job must restart.
         """
         broken = not isinstance(error, NNsightError) and _communication(error)
         cause = self.failures.remote() if broken else None
@@ -459,24 +482,45 @@ class ReplicaSeam(Seam):
                 )
             else:
                 cause = RemoteError(-1, f"a rank of the replica stopped answering ({error}); it probably died")
-        if cause is None and not isinstance(error, RemoteError):
-            self.failures.publish(error)
-        store = self.failures._store
-        if store is None or not dist.is_initialized():
-            return cause
-        trace = self.router.trace
-        try:
-            store.set(f"nnsight_dist/done/{trace}/{self.topo.rank}", "failed")
-            deadline = time.monotonic() + min(self.topo.timeout, 5.0)
-            others = [f"nnsight_dist/done/{trace}/{r}" for r in self.topo.replica_ranks() if r != self.topo.rank]
-            while time.monotonic() < deadline:
-                if store.check(others):
-                    return cause
-                time.sleep(0.01)
-        except (RuntimeError, dist.DistError):
-            return cause
-        dist.destroy_process_group()
+        self.failures.publish(cause or error)  # not if it came from another rank
+        lost = cause if broken else error if getattr(error, "lost", False) else None
+        if lost is None:
+            self._settle()
+        elif isinstance(lost, RemoteError):
+            self.failures.mark_lost(lost.rank, lost.remote_message)
+        else:
+            self.failures.mark_lost(-1, str(lost))
         return cause
+
+    def _settle(self) -> None:
+        """The end of a failed trace on every rank: write this rank's ledger of collectives
+        (:class:`~.failure.Failures`) to the store, wait (bounded by the timeout) until
+        every other rank of the replica has written its own or passed the end-of-trace
+        barrier, and issue the collectives this rank missed."""
+        store = self.failures._store
+        if store is None:
+            return
+        trace, me = self.router.trace, self.topo.rank
+        try:
+            self.failures.set("end", json.dumps(self.failures.ledger))
+            ledgers = {me: self.failures.ledger}
+            pending = [r for r in self.topo.replica_ranks() if r != me]
+            deadline = time.monotonic() + self.topo.timeout
+            while pending and time.monotonic() < deadline:
+                if store.check([_LOST]):
+                    return  # a rank died: nobody is left to settle with
+                for rank in list(pending):
+                    key = f"nnsight_dist/end/{trace}/{rank}"
+                    if store.check([key]):
+                        ledgers[rank] = json.loads(store.get(key).decode())
+                        pending.remove(rank)
+                    elif store.check([f"nnsight_dist/done/{trace}/{rank}"]):
+                        pending.remove(rank)  # it passed the barrier: its ledger is ours
+                if pending:
+                    time.sleep(0.002)
+            self.failures.reconcile(ledgers)
+        except (RuntimeError, dist.DistError, RemoteError):
+            pass  # the store or a peer is gone (a rank died): nothing to settle with; the error stands
 
     def _barrier(self) -> None:
         il = self.interleaver
@@ -488,10 +532,9 @@ class ReplicaSeam(Seam):
         ranks = self.topo.replica_ranks()
         parts = [torch.zeros(3, dtype=torch.long) for _ in ranks]
         group = self.topo.group("replica")
-        work = dist.all_gather(parts, mine, group=group, async_op=True)
-        self.failures.wait_work(work, "the end-of-trace barrier", "the replica")
+        self.failures.all_gather(parts, mine, group, "the end-of-trace barrier", "the replica")
         if self.failures._store is not None:
-            self.failures._store.set(f"nnsight_dist/done/{self.router.trace}/{self.topo.rank}", "ok")
+            self.failures.set("done", "ok")
             # (read by a failing rank deciding whether the others are still running)
         if all(torch.equal(p, mine) for p in parts):
             return

@@ -28,11 +28,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from .failure import Failures, lost_contact
+from .failure import _DTYPES, Failures, lost_contact
 from .topology import Topology
-
-_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
-                               torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}
 
 
 def encode(value: Any, tensors: list[torch.Tensor]) -> Any:
@@ -261,13 +258,12 @@ class Router:
     def _receive(self, stream: _Incoming) -> None:
         trace, size, length = (int(x) for x in stream.header.tolist())
         body = torch.empty(length, dtype=torch.uint8)
-        # Sent right after its header; still, no wait here is unbounded (this group's own
-        # timeout is effectively infinite, so the router's timeout guards it). The next
-        # header receive is posted before waiting: if the wait is cut short (another rank's
-        # error ends the trace), the body still lands here and the stream stays aligned.
+        # Sent right after its header: its wait ends only with it (or the timeout: this
+        # group's own timeout is effectively infinite), whatever failed meanwhile, so a
+        # stream is never left between a header and its body.
         received = stream.waiter.watch([dist.irecv(body, src=stream.peer, group=self.group)])
         stream.repost()
-        self.failures.wait(received.done, "the body of a message", stream.peer)
+        self.failures.wait(received.done, "the body of a message", stream.peer, engine=True)
         meta = json.loads(body[:size].numpy().tobytes().decode())
         tensors, offset = [], size
         for dtype, shape in meta["tensors"]:
@@ -304,12 +300,13 @@ class Router:
         item = self.mailbox.pop((self.trace, key), None)
         return (False, None) if item is None else (True, item[1])
 
-    def wait(self, key: tuple, what: str, source: int) -> Any:
-        """A router-aware wait: drain streams (serving arrivals) until ``key`` arrives."""
+    def wait(self, key: tuple, what: str, source: int, engine: bool = False) -> Any:
+        """A router-aware wait: drain streams (serving arrivals) until ``key`` arrives
+        (``engine``: one of the engine's own transfers, see :meth:`.Failures.wait`)."""
         def arrived() -> bool:
             return (self.trace, key) in self.mailbox
 
-        self.failures.wait(arrived, what, source, lambda: self.poll(arrived), self._idle)
+        self.failures.wait(arrived, what, source, lambda: self.poll(arrived), self._idle, engine)
         return self.take(key)[1]
 
     def _idle(self, seconds: float) -> None:
@@ -346,7 +343,7 @@ class Router:
     def next_trace(self) -> None:
         """Start a new trace: forget what is left of the last one."""
         self.trace += 1
-        self.failures.trace = self.trace
+        self.failures.begin(self.trace)
         self.mailbox = {k: v for k, v in self.mailbox.items() if k[0] >= self.trace}
         self.sent = dict.fromkeys(self.peers, 0)
         self.traffic = {}

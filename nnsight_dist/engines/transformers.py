@@ -281,7 +281,11 @@ def opaque_types(topo: Topology) -> tuple[type, ...]:
 
 
 def attach_pipeline(model: torch.nn.Module, topo: Topology, interleaver: Any, router: Any, root: str = "model") -> None:
-    """Put the engine's stage-to-stage transfers on the router, as router-aware waits."""
+    """Put the engine's stage-to-stage transfers on the router, as router-aware waits.
+
+    They are *engine* waits (:meth:`..distributed.failure.Failures.wait`): after a failure
+    every rank still runs its model call to the end, sending and receiving these messages,
+    so a failed trace leaves no stream, and no collective of the engine, mismatched."""
     if topo.pp == 1:
         return
     prefix = model.base_model_prefix
@@ -293,7 +297,7 @@ def attach_pipeline(model: torch.nn.Module, topo: Topology, interleaver: Any, ro
 
     if stage > 0:
         def receive_hidden(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            hidden = router.wait(("h", interleaver.step), "hidden states", prev_rank)
+            hidden = router.wait(("h", interleaver.step), "hidden states", prev_rank, engine=True)
             if args:
                 return (hidden.to(args[0].device), *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": hidden}
@@ -306,7 +310,8 @@ def attach_pipeline(model: torch.nn.Module, topo: Topology, interleaver: Any, ro
             return out
 
         def receive_logits(out: Any) -> Any:
-            return router.wait(("logits", interleaver.step), "logits", topo.rank_of(last, topo.tp_rank)).to(out.device)
+            logits = router.wait(("logits", interleaver.step), "logits", topo.rank_of(last, topo.tp_rank), engine=True)
+            return logits.to(out.device)
 
         points[f"{root}.{prefix}.layers.{end - 1}"].after = send_hidden
         points[f"{root}.lm_head"].after = receive_logits

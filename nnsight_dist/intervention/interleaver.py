@@ -17,6 +17,13 @@ visit in progress, and otherwise park the mediator until the model gets there. A
 that another rank computes from what the body already had (an ad-hoc call of a module
 of another pipeline stage) is waited for without parking: :meth:`Interleaver.synchronous`
 runs the wait on the model's greenlet while the visit in progress stands still.
+
+When the seam is *tolerant* (many ranks), an error of a body or of a visit does not abort
+the model call: the run *fails* (:meth:`Interleaver.tolerate`): the error is kept and told
+to the seam, every intervention is dropped, and the model runs on to the end of its call
+with plain visits, so that the engine's collectives and transfers still match those of
+the other ranks. The error is raised when the call returns. In one process an error
+aborts the call at once, as in nnsight.
 """
 
 from __future__ import annotations
@@ -121,6 +128,8 @@ class Interleaver:
         self.value: Any = None
         self.main: Optional[greenlet] = None
         self.stopped = False
+        #: The error that failed the current run (see :meth:`tolerate`), else ``None``.
+        self.failure: Optional[BaseException] = None
 
     # ------------------------------------------------------------------ call points
 
@@ -174,6 +183,8 @@ class Interleaver:
         """One call of a call point: handle its input, run it (or its skip), handle its output."""
         if point.root:
             self.step += 1
+        if self.failure is not None:
+            return self._plain(point, fn, args, kwargs)
         site = point.input
         if site.epoch != self.epoch:
             site.epoch, site.n = self.epoch, 0
@@ -182,7 +193,7 @@ class Interleaver:
             args, kwargs = point.before(args, kwargs)
         location = site.location
         if location in self.waiting or location in self.observers:
-            args, kwargs = self.handle(location, (args, kwargs), site)
+            args, kwargs = self.guarded(location, (args, kwargs), site)
         site.n += 1
         skips = self.skips.pop(point.path, None) if self.skips else None
         if skips is None:
@@ -195,11 +206,58 @@ class Interleaver:
         site.step = self.step
         location = site.location
         if location in self.waiting or location in self.observers:
-            out = self.handle(location, out, site)
+            out = self.guarded(location, out, site)
         site.n += 1
         if point.after is not None:
             out = point.after(out)
         return out
+
+    def _plain(self, point: CallPoint, fn: Callable, args: tuple, kwargs: dict) -> Any:
+        """A visit of a failed run: the engine's blocking points, no intervention."""
+        if point.before is not None:
+            args, kwargs = point.before(args, kwargs)
+        out = fn(*args, **kwargs)
+        return out if point.after is None else point.after(out)
+
+    def guarded(self, location: str, value: Any, site: Optional[Site] = None) -> Any:
+        """:meth:`handle`, whose error fails the run (:meth:`tolerate`) when the seam allows
+        it; the model then goes on with ``value`` as it came."""
+        if self.failure is not None:
+            return value
+        try:
+            return self.handle(location, value, site)
+        except Exception as error:
+            if not self.tolerate(error):
+                raise
+            return value
+
+    def tolerate(self, error: BaseException) -> bool:
+        """Fail the run with ``error`` instead of aborting the model call; False when the
+        error must propagate (one process, a ``stop()`` in progress, or not an ``Exception``).
+
+        The first error is kept (:attr:`failure`) and told to the seam (which publishes it
+        to the other ranks); every mediator is ended and every wait, observer, skip and
+        barrier dropped. Later errors of the same run are swallowed.
+        """
+        if not self.seam.tolerant or self.stopped or not isinstance(error, Exception):
+            return False
+        if self.failure is None:
+            self.failure = error
+            self.seam.failed(error)
+            for med in self.mediators:
+                med.wait = None
+                med.transform = None
+                if med.greenlet is not None and not med.greenlet.dead and med.greenlet is not getcurrent():
+                    try:
+                        med.greenlet.throw(GreenletExit())
+                    except GreenletExit:
+                        pass
+            self.waiting.clear()
+            self.remote_waiting.clear()
+            self.observers.clear()
+            self.skips.clear()
+            self.barriers.clear()
+        return True
 
     def handle(self, location: str, value: Any, site: Optional[Site] = None) -> Any:
         """The one primitive: pass ``value`` at ``location`` to waiting mediators and observers.
@@ -283,7 +341,9 @@ class Interleaver:
     # ------------------------------------------------------------------ scheduling
 
     def start(self, med: Mediator) -> None:
-        """Run ``med``'s body until it first parks (or ends)."""
+        """Run ``med``'s body until it first parks (or ends); not in a failed run."""
+        if self.failure is not None:
+            return
         if self.main is None:
             self.main = getcurrent()
         fn = med.fn
@@ -303,9 +363,12 @@ class Interleaver:
                 # wait runs here, on the model's greenlet, so whatever it delivers to other
                 # mediators is resumed from here too, and the model stays where it is. Its
                 # errors (a timeout, another rank's failure, a stop of a mediator it resumed)
-                # abort the run from here, as those of the engine's waits do.
+                # end the run from here, as those of the engine's waits do.
                 wait, med.wait = med.wait, None
                 med.greenlet.switch(wait.payload())
+        except Exception as error:
+            if not self.tolerate(error):
+                raise
         finally:
             self.current = outer
         self.flush(med)
@@ -505,6 +568,7 @@ class Interleaver:
         self.step = -1
         self.active = True
         self.stopped = False
+        self.failure = None
         self.batcher = Batcher(batch_size)
         self.main = getcurrent()
 

@@ -39,6 +39,9 @@ class Seam:
 
     #: Whether :meth:`served` / :meth:`observed` must be called (False: skip the calls).
     routing = False
+    #: Whether an error fails the run instead of aborting the model call (see
+    #: :meth:`.interleaver.Interleaver.tolerate`): ranks must finish their calls together.
+    tolerant = False
 
     def __init__(self) -> None:
         self.remote: set[str] = set()
@@ -107,6 +110,9 @@ class Seam:
 
     def close(self) -> None:
         """The trace succeeded: agree with the other ranks that it did the same everywhere."""
+
+    def failed(self, error: BaseException) -> None:
+        """The run failed with ``error`` and goes on without interventions (tolerant seams)."""
 
     def fail(self, error: BaseException) -> Optional[BaseException]:
         """The trace failed with ``error`` on this rank; returns an error to raise instead."""

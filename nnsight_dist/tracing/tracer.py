@@ -309,21 +309,27 @@ class InterleavingTracer(_Block):
         return self._run(args, kwargs)
 
     def _go(self, args: tuple, kwargs: dict) -> None:
+        """Run the model, drain, finish. A run that failed on many ranks (see
+        :meth:`..intervention.interleaver.Interleaver.tolerate`) ran the model call to its
+        end without interventions; its error is raised once the call returned."""
         il = self.interleaver
         try:
             result = self._call(args, kwargs)
         except EarlyStop:
             il.stopped = True
         else:
-            il.handle("result", result)
-        while True:
+            il.guarded("result", result)
+        while il.failure is None:
             try:
                 il.seam.drain()
                 break
             except EarlyStop:
                 # A mediator served late (a value from another stage) stopped the run.
                 il.stopped = True
-        il.finish()
+        if il.failure is None:
+            il.finish()
+        if il.failure is not None:
+            raise il.failure
 
 
 class ScanningTracer(InterleavingTracer):
