@@ -311,8 +311,8 @@ class ReplicaSeam(Seam):
         ranks = self.topo.replica_ranks()
         mine = torch.tensor([_digest(found)], dtype=torch.long)
         parts = [torch.zeros(1, dtype=torch.long) for _ in ranks]
-        work = dist.all_gather(parts, mine, group=self.topo.group("replica"), async_op=True)
-        self.failures.wait_work(work, "the check of the trace's inputs", "the replica")
+        self.failures.all_gather(parts, mine, self.topo.group("replica"), "the check of the trace's inputs",
+                                 "the replica")
         digests = [int(p.item()) for p in parts]
         if len(set(digests)) > 1:
             differ = [r for r, d in zip(ranks, digests) if d != digests[0]]
