@@ -359,7 +359,7 @@ class ReplicaSeam(Seam):
     def _check_same(self, theirs: str, mine: str, mediator: int, seq: int) -> None:
         if theirs != mine:
             raise DivergenceError(
-                f"request {seq} of mediator {mediator} is {mine} on rank {self.topo.rank} but {theirs} "
+                f"request {seq} of {self._name(mediator)} is {mine} on rank {self.topo.rank} but {theirs} "
                 "on its owner: ranks ran different intervention code (branching on the rank inside a "
                 "trace is not allowed)"
             )
@@ -446,7 +446,7 @@ class ReplicaSeam(Seam):
                            self.interleaver.remote_waiting.items() if i == mediator]
                 mine = f"; here it waits for {', '.join(waiting)}" if waiting else ""
                 raise DivergenceError(
-                    f"rank {source} served {location} as request {seq} of mediator {mediator}, which rank "
+                    f"rank {source} served {location} as request {seq} of {self._name(mediator)}, which rank "
                     f"{self.topo.rank} never asked for{mine}: the intervention code differs between ranks "
                     "(branching on the rank inside a trace is not allowed)"
                 )

@@ -18,16 +18,7 @@ from nnsight_dist.testing.ranks import run_ranks
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 import soak  # noqa: E402
 
-#: Fault kinds left out because they do not leave the job usable yet (the recovery work
-#: fixes them; re-enable each by deleting its line). The reason is what the soak saw.
-EXCLUDED = {
-    "exc_one_rank": "the failing rank tears the process group down (docs/distributed.md, Failures): the job is lost",
-    "out_of_order": "under pp=2 the next trace raises RouterTimeout on every rank, the one after RemoteError",
-    "exc_after_remote": "a stop() on stage 0 in the next trace can time out (RouterTimeout: rank 2 waits for a send "
-                        "to complete, the others for the end-of-trace barrier)",
-    "divergent": "after the DivergenceError the next trace aborts two ranks in gloo (collective size mismatch)",
-}
-KINDS = [kind for kind in soak.FAULTS if kind not in EXCLUDED]
+KINDS = list(soak.FAULTS)
 TRACES = 100
 TIMEOUT = 20  # seconds, any wait of nnsight_dist (NNSIGHT_DIST_TIMEOUT)
 
