@@ -37,12 +37,13 @@ def all_gather_json(obj: Any, group: Any, n: int, failures: Failures, what: str 
     names ``what`` was awaited."""
     payload = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
     sizes = [torch.zeros(1, dtype=torch.long) for _ in range(n)]
-    failures.all_gather(sizes, torch.tensor([payload.numel()]), group, what, "the replica")
+    failures.wait_work(dist.all_gather(sizes, torch.tensor([payload.numel()]), group=group, async_op=True),
+                       what, "the replica")
     width = int(max(s.item() for s in sizes))
     padded = torch.zeros(width, dtype=torch.uint8)
     padded[: payload.numel()] = payload
     parts = [torch.zeros(width, dtype=torch.uint8) for _ in range(n)]
-    failures.all_gather(parts, padded, group, what, "the replica")
+    failures.wait_work(dist.all_gather(parts, padded, group=group, async_op=True), what, "the replica")
     return [json.loads(bytes(p[: int(s.item())].tolist()).decode()) for p, s in zip(parts, sizes)]
 
 

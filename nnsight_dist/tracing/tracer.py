@@ -293,7 +293,6 @@ class InterleavingTracer(_Block):
             for med in mediators:
                 il.start(med)
             kwargs = {**kwargs, **self._kwargs}
-            il.seam.inputs(args, kwargs)
             self._go(args, kwargs)
             il.seam.close()
         except BaseException as error:
