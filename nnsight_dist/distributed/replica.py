@@ -435,7 +435,7 @@ class ReplicaSeam(Seam):
     def failed(self, error: BaseException) -> None:
         """The run failed here: tell the other ranks now (they stop waiting for this one and
         fail their runs too); end this rank's waits; ignore what still arrives."""
-        self.failures.publish(error)
+        self.failures.publish(_explained(error))
         self.failures.failed = error
         self.router.on_message = None
 
@@ -458,6 +458,8 @@ class ReplicaSeam(Seam):
                 )
             else:
                 cause = RemoteError(-1, f"a rank of the replica stopped answering ({error}); it probably died")
+        if cause is None and _explained(error) is not error:
+            cause = _explained(error)
         self.failures.publish(cause or error)  # not if it came from another rank
         lost = cause if broken else error if getattr(error, "lost", False) else None
         if lost is None:
@@ -519,6 +521,17 @@ class ReplicaSeam(Seam):
             raise DivergenceError(f"ranks {ranks} ran {steps} steps of the model")
         logs = all_gather_json(entries, group, len(ranks), self.failures)
         raise DivergenceError(_first_difference(ranks, logs))
+
+
+def _explained(error: BaseException) -> BaseException:
+    """``error``, or what it means here: torch's "does not require grad" comes from a
+    ``backward()`` in a distributed trace, which runs under ``torch.no_grad()``."""
+    if isinstance(error, RuntimeError) and "does not require grad" in str(error):
+        return NNsightError(
+            "backward() inside a distributed trace: distributed traces run under torch.no_grad(), so "
+            f"nothing has a gradient ({error}). Compute gradients in one process (tp=1, pp=1) for now"
+        )
+    return error
 
 
 def _spanning(placements: dict[str, Placement]) -> dict[str, list[int]]:

@@ -223,6 +223,34 @@ def _model_mistakes(rank: int, path: str, tp: int, pp: int) -> dict:
     return out
 
 
+def _backward(rank: int, path: str, tp: int, pp: int) -> dict:
+    """``loss.backward()`` in a distributed trace, then a correct trace."""
+    model = nd.LanguageModel(path, tp=tp, pp=pp)
+
+    def backward():
+        with model.trace("Hello world"):
+            model.lm_head.output.sum().backward()
+
+    out = {"error": _error(backward)}
+    with model.trace("Hello world"):
+        logits = model.lm_head.output.save()
+    out["logits"] = logits
+    return out
+
+
+@pytest.mark.parametrize("topology", ["tp2", "pp2"])
+def test_backward_in_a_distributed_trace(path, topology):
+    """Was torch's raw "element 0 of tensors does not require grad"."""
+    tp, pp = (2, 1) if topology == "tp2" else (1, 2)
+    results = run_ranks(_backward, 2, path, tp, pp, timeout=240, env=ENV)
+    ref = _reference(path, "Hello world", [])
+    for r in results:
+        assert r["error"][0] == "error" and r["error"][1] in ("NNsightError", "RemoteError"), r["error"]
+        assert "backward() inside a distributed trace" in r["error"][2] and "tp=1, pp=1" in r["error"][2]
+        torch.testing.assert_close(r["logits"], ref["logits"], rtol=1e-4, atol=1e-5)
+    assert any(r["error"][1] == "NNsightError" for r in results)
+
+
 @pytest.mark.parametrize("topology", ["tp2", "pp2"])
 def test_model_mistakes_two_ranks(path, topology):
     tp, pp = (2, 1) if topology == "tp2" else (1, 2)
