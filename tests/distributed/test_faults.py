@@ -55,10 +55,11 @@ def _correct(model) -> torch.Tensor:
 
 def _never_comes(rank: int, path: str, tp: int, pp: int) -> tuple:
     model = nd.LanguageModel(path, tp=tp, pp=pp)
+    stalled = model.topology.pp_rank == pp - 1  # the last stage (all its tp ranks alike)
     try:
         with model.trace("Hello world"):
             h = model.model.layers[0].output.save()
-            if rank == 1:
+            if stalled:
                 time.sleep(8)  # past the 6 s timeout: rank 0 gives up waiting
             logits = model.lm_head.output.save()
         outcome = ("ok", "")
@@ -67,16 +68,20 @@ def _never_comes(rank: int, path: str, tp: int, pp: int) -> tuple:
     return outcome, _correct(model)
 
 
-def test_value_that_never_comes_pp2(path):
+@pytest.mark.parametrize("topology", ["pp2", "tp2_pp2"])
+def test_value_that_never_comes(path, topology):
     """A stage that stalls past the timeout: the stage waiting for it raises
     ``RouterTimeout`` naming what it waited for, the stalled stage the same error (or a
     ``RemoteError``), and the next trace equals one process."""
-    results = run_ranks(_never_comes, 2, path, 1, 2, timeout=90, env=ENV)
+    world, tp, pp = (2, 1, 2) if topology == "pp2" else (4, 2, 2)
+    results = run_ranks(_never_comes, world, path, tp, pp, timeout=120, env=ENV)
+    sender = world - tp  # the last stage's rank of tp rank 0
     (first, message), _ = results[0]
     assert first == "RouterTimeout"
-    assert "for logits from rank 1" in message
-    assert "waits for model.lm_head.output (request 1) from rank 1" in message
-    assert results[1][0][0] in ("RouterTimeout", "RemoteError")
+    assert f"for logits from rank {sender}" in message
+    assert f"waits for model.lm_head.output (request 1) from rank {sender}" in message
+    for (outcome, _), _ in results[1:]:
+        assert outcome in ("RouterTimeout", "RemoteError")
     expected = _correct(nd.LanguageModel(path))
     for rank, (_, logits) in enumerate(results):
         torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5, msg=lambda m: f"rank {rank}: {m}")
