@@ -158,19 +158,15 @@ def sequence(rank: int, model, eos: int, world: int = 1) -> list[tuple[str, dict
         return {"hs": torch.stack(hs)}
     faults["a step loop longer than the run"] = loop_too_long
 
-    def stop_stage0():
-        with model.trace(PROMPT) as tracer:
-            early = layers[0].output.save()
-            tracer.stop()
-        return {"early": early}
-    faults["stop() on stage 0"] = stop_stage0
-
-    def stop_stage1():
-        with model.trace(PROMPT) as tracer:
-            late = layers[3].output.save()
-            tracer.stop()
-        return {"late": late}
-    faults["stop() on stage 1"] = stop_stage1
+    def stop_after(layer: int, key: str):
+        def stop():
+            with model.trace(PROMPT) as tracer:
+                value = layers[layer].output.save()
+                tracer.stop()
+            return {key: value}
+        return stop
+    faults["stop() on stage 0"] = stop_after(0, "early")
+    faults["stop() on stage 1"] = stop_after(3, "late")
 
     def stop_step1():
         with model.generate(PROMPT, max_new_tokens=3, do_sample=False) as tracer:
