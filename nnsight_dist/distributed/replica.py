@@ -299,6 +299,30 @@ class ReplicaSeam(Seam):
         if self.owner.get(location) is not None:
             self._observed.append([observer, visit, value])
 
+    def inputs(self, args: tuple, kwargs: dict) -> None:
+        """Every rank of a replica must run the model on the same inputs: with different
+        ones the engine's collectives would pair tensors of different sizes (a crash
+        inside gloo) or mix different prompts' values without an error. One small
+        all-gather of a digest per trace; a difference is a :class:`DivergenceError` on
+        every rank, before the model runs."""
+        found = tensors((args, kwargs))
+        if len(self.topo.replica_ranks()) == 1 or any(_shape_only(t) for t in found):
+            return  # a scan: shapes only, and the ranks compare what they serve
+        ranks = self.topo.replica_ranks()
+        mine = torch.tensor([_digest(found)], dtype=torch.long)
+        parts = [torch.zeros(1, dtype=torch.long) for _ in ranks]
+        self.failures.all_gather(parts, mine, self.topo.group("replica"), "the check of the trace's inputs",
+                                 "the replica")
+        digests = [int(p.item()) for p in parts]
+        if len(set(digests)) > 1:
+            differ = [r for r, d in zip(ranks, digests) if d != digests[0]]
+            raise DivergenceError(
+                f"the ranks of this replica were given different inputs (ranks {differ} differ from rank "
+                f"{ranks[0]}): every rank of a replica ({len(ranks)} ranks, tp x pp) must trace the same "
+                "prompts. Split data between replicas by `model.topology.dp_rank`, not between the ranks "
+                "of one replica"
+            )
+
     def verify(self, location: str, value: Any) -> None:
         """Check mode (``NNSIGHT_DIST_CHECK=1``): ``value``, served as whole at ``location``,
         must be bit-identical on every rank of the tensor-parallel group. A digest of its

@@ -67,6 +67,10 @@ class Seam:
     def observed(self, observer: int, visit: int, location: str, value: Any) -> None:
         """An owned value of ``location`` passed observer ``observer`` at visit ``visit``."""
 
+    def inputs(self, args: tuple, kwargs: dict) -> None:
+        """The batched inputs of the model call, before it starts (the distributed seam
+        checks that every rank of the replica has the same)."""
+
     def verify(self, location: str, value: Any) -> None:
         """``value`` is about to be served as the whole value of ``location`` (check mode
         compares it across the ranks that hold it)."""

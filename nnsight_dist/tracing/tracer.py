@@ -27,7 +27,7 @@ import torch
 from ..config import CONFIG
 from ..intervention.cache import Cache, CacheDict
 from ..intervention.eproperty import eproperty
-from ..intervention.errors import NNsightError, NotTracingError, TraceSetupError
+from ..intervention.errors import DivergenceError, NNsightError, NotTracingError, TraceSetupError
 from ..intervention.interleaver import Barrier, Interleaver
 from ..intervention.iteration import IteratorProxy, StepLoop, advance
 from ..intervention.mediator import Mediator, StepsExhausted
@@ -293,6 +293,13 @@ class InterleavingTracer(_Block):
             for med in mediators:
                 il.start(med)
             kwargs = {**kwargs, **self._kwargs}
+            try:
+                il.seam.inputs(args, kwargs)
+            except Exception as error:
+                # Different inputs are found alike on every rank: nothing runs. Any other error
+                # (another rank failed first, or this one did) fails the run like a body's.
+                if isinstance(error, DivergenceError) or not il.tolerate(error):
+                    raise
             self._go(args, kwargs)
             il.seam.close()
         except BaseException as error:

@@ -249,6 +249,31 @@ def test_backward_in_a_distributed_trace(path, topology):
         assert "backward() inside a distributed trace" in r["error"][2] and "tp=1, pp=1" in r["error"][2]
         torch.testing.assert_close(r["logits"], ref["logits"], rtol=1e-4, atol=1e-5)
     assert any(r["error"][1] == "NNsightError" for r in results)
+def _different_inputs(rank: int, path: str, tp: int, pp: int) -> dict:
+    """Each rank of one replica given its own prompt, then a correct trace."""
+    model = nd.LanguageModel(path, tp=tp, pp=pp)
+    prompt = "Hello world" if rank == 0 else "The Eiffel Tower is in the city of"
+    out = {"error": _error(lambda: _logits(model, prompt))}
+    out["logits"] = _logits(model, "Hello world")
+    return out
+
+
+def _logits(model, prompt):
+    with model.trace(prompt):
+        logits = model.lm_head.output.save()
+    return logits
+
+
+@pytest.mark.parametrize("topology", ["tp2", "pp2"])
+def test_different_inputs_on_the_ranks_of_a_replica(path, topology):
+    """Without the check, tp=2 crashed inside gloo and pp=2 gave torch's size mismatch."""
+    tp, pp = (2, 1) if topology == "tp2" else (1, 2)
+    results = run_ranks(_different_inputs, 2, path, tp, pp, timeout=240, env=ENV)
+    ref = _reference(path, "Hello world", [])
+    for r in results:
+        assert r["error"][:2] == ("error", "DivergenceError"), r["error"]
+        assert "different inputs (ranks [1] differ from rank 0)" in r["error"][2]
+        torch.testing.assert_close(r["logits"], ref["logits"], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("topology", ["tp2", "pp2"])
