@@ -223,39 +223,18 @@ def _model_mistakes(rank: int, path: str, tp: int, pp: int) -> dict:
     return out
 
 
-def _backward(rank: int, path: str, tp: int, pp: int) -> dict:
-    """``loss.backward()`` in a distributed trace, then a correct trace."""
+def _mistake_then_trace(rank: int, path: str, tp: int, pp: int, mistake: str) -> dict:
+    """A trace with ``mistake`` (``"backward"``: ``loss.backward()``; ``"inputs"``: each rank
+    of the replica its own prompt), then a correct trace's logits."""
     model = nd.LanguageModel(path, tp=tp, pp=pp)
 
     def backward():
         with model.trace("Hello world"):
             model.lm_head.output.sum().backward()
 
-    out = {"error": _error(backward)}
-    with model.trace("Hello world"):
-        logits = model.lm_head.output.save()
-    out["logits"] = logits
-    return out
-
-
-@pytest.mark.parametrize("topology", ["tp2", "pp2"])
-def test_backward_in_a_distributed_trace(path, topology):
-    """Was torch's raw "element 0 of tensors does not require grad"."""
-    tp, pp = (2, 1) if topology == "tp2" else (1, 2)
-    results = run_ranks(_backward, 2, path, tp, pp, timeout=240, env=ENV)
-    ref = _reference(path, "Hello world", [])
-    for r in results:
-        assert r["error"][0] == "error" and r["error"][1] in ("NNsightError", "RemoteError"), r["error"]
-        assert "backward() inside a distributed trace" in r["error"][2] and "tp=1, pp=1" in r["error"][2]
-        torch.testing.assert_close(r["logits"], ref["logits"], rtol=1e-4, atol=1e-5)
-    assert any(r["error"][1] == "NNsightError" for r in results)
-def _different_inputs(rank: int, path: str, tp: int, pp: int) -> dict:
-    """Each rank of one replica given its own prompt, then a correct trace."""
-    model = nd.LanguageModel(path, tp=tp, pp=pp)
     prompt = "Hello world" if rank == 0 else "The Eiffel Tower is in the city of"
-    out = {"error": _error(lambda: _logits(model, prompt))}
-    out["logits"] = _logits(model, "Hello world")
-    return out
+    wrong = backward if mistake == "backward" else lambda: _logits(model, prompt)
+    return {"error": _error(wrong), "logits": _logits(model, "Hello world")}
 
 
 def _logits(model, prompt):
@@ -264,16 +243,32 @@ def _logits(model, prompt):
     return logits
 
 
+def _mistake_results(path: str, topology: str, mistake: str) -> list:
+    """Each rank's ``_mistake_then_trace`` result; its correct trace equals plain transformers."""
+    tp, pp = (2, 1) if topology == "tp2" else (1, 2)
+    results = run_ranks(_mistake_then_trace, 2, path, tp, pp, mistake, timeout=240, env=ENV)
+    ref = _reference(path, "Hello world", [])
+    for r in results:
+        torch.testing.assert_close(r["logits"], ref["logits"], rtol=1e-4, atol=1e-5)
+    return results
+
+
+@pytest.mark.parametrize("topology", ["tp2", "pp2"])
+def test_backward_in_a_distributed_trace(path, topology):
+    """Was torch's raw "element 0 of tensors does not require grad"."""
+    results = _mistake_results(path, topology, "backward")
+    for r in results:
+        assert r["error"][0] == "error" and r["error"][1] in ("NNsightError", "RemoteError"), r["error"]
+        assert "backward() inside a distributed trace" in r["error"][2] and "tp=1, pp=1" in r["error"][2]
+    assert any(r["error"][1] == "NNsightError" for r in results)
+
+
 @pytest.mark.parametrize("topology", ["tp2", "pp2"])
 def test_different_inputs_on_the_ranks_of_a_replica(path, topology):
     """Without the check, tp=2 crashed inside gloo and pp=2 gave torch's size mismatch."""
-    tp, pp = (2, 1) if topology == "tp2" else (1, 2)
-    results = run_ranks(_different_inputs, 2, path, tp, pp, timeout=240, env=ENV)
-    ref = _reference(path, "Hello world", [])
-    for r in results:
+    for r in _mistake_results(path, topology, "inputs"):
         assert r["error"][:2] == ("error", "DivergenceError"), r["error"]
         assert "different inputs (ranks [1] differ from rank 0)" in r["error"][2]
-        torch.testing.assert_close(r["logits"], ref["logits"], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("topology", ["tp2", "pp2"])
