@@ -1,0 +1,1 @@
+"""The activation store: collect a sharded model's activations to disk, read them back."""
