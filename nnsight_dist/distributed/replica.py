@@ -243,7 +243,7 @@ class ReplicaSeam(Seam):
                 offset += n
                 whole = sum(pieces[1:], pieces[0]) if codec.partial else torch.cat(pieces, dim=codec.dim)
                 observer.fn(whole, visit)
-                if self.owner.get(location) is not None:
+                if observer.routed and self.owner.get(location) is not None:
                     self._observed.append([observer.index, visit, whole])
 
     def operations(self, path: str, names: list[str], children: dict[str, tuple[str, bool]]) -> None:

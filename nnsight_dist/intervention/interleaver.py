@@ -80,15 +80,18 @@ class CallPoint:
 class Observer:
     """A function called with the value of a location at every visit (caches, scans).
 
-    ``local`` observers get this rank's fragment; the others get the whole value. ``index``
-    names the observer across ranks (observers are registered in the same order on all).
+    ``local`` observers get this rank's fragment; the others get the whole value, which
+    reaches the other stages too unless the observer is not ``routed`` (then only the
+    owner's ranks are called). ``index`` names the observer across ranks (observers are
+    registered in the same order on all).
     """
 
-    __slots__ = ("fn", "local", "index")
+    __slots__ = ("fn", "local", "routed", "index")
 
-    def __init__(self, fn: Callable[[Any, int], None], local: bool, index: int) -> None:
+    def __init__(self, fn: Callable[[Any, int], None], local: bool, index: int, routed: bool = True) -> None:
         self.fn = fn
         self.local = local
+        self.routed = routed
         self.index = index
 
 
@@ -288,7 +291,7 @@ class Interleaver:
                     whole = value if codec is None else codec.whole(value)
                     self.seam.verify(location, whole)
                 obs.fn(whole, site.n)
-                if self.seam.routing:
+                if self.seam.routing and obs.routed:
                     self.seam.observed(obs.index, site.n, location, whole)
         return value
 
@@ -632,13 +635,15 @@ class Interleaver:
         self.location = self.value = None
         self.main = None
 
-    def observe(self, location: str, fn: Callable[[Any, int], None], local: bool = False) -> None:
+    def observe(self, location: str, fn: Callable[[Any, int], None], local: bool = False,
+                routed: bool = True) -> None:
         """Call ``fn(value, visit_index)`` at every visit of ``location`` during this run.
 
         ``value`` is whole, or this rank's fragment when ``local``. On a stage that does not
-        own ``location``, whole values arrive from the owner (see :class:`.seam.Seam`).
+        own ``location``, whole values arrive from the owner (see :class:`.seam.Seam`),
+        unless not ``routed``: then only the owner's ranks see them.
         """
-        obs = Observer(fn, local, len(self.observer_list))
+        obs = Observer(fn, local, len(self.observer_list), routed)
         self.observer_list.append(obs)
         self.observers.setdefault(location, []).append(obs)
 

@@ -1,0 +1,437 @@
+"""``nd.collect_activations``: a sharded model's activations, streamed to an activation store.
+
+Collection is a trace per batch whose body only observes. Each data-parallel replica takes
+its contiguous share of the documents (:func:`.data.split_for_replica`); each rank records
+only what it writes (:mod:`.plan`): its stage's entries, its tensor-parallel shard as the
+engine holds it (or the whole value, assembled in one collective at the end of the trace,
+once per tensor-parallel group). Rows are the real tokens only: padding is dropped inside
+the observer, before anything is copied. A background writer (:mod:`.writer`) puts chunks
+on disk while the model runs on.
+
+Resuming: a chunk is a fixed run of batches, so its bytes depend only on the model, the
+data and the options. Before any work the ranks agree on the chunks every rank of a
+replica has complete; those are skipped, the rest are computed and written again. The
+first rank checks the store's ``run.json`` (what an earlier collection in the same
+directory was asked to do) and every rank raises the same error when the model, the data,
+the entries, the options or the layout differ. The manifest is written last, by rank 0,
+from every rank's records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from typing import Any, Optional
+
+import torch
+
+from ..distributed.exchange import broadcast_object, gather_object
+from .data import Documents, replica_range
+from .format import (FORMAT, MANIFEST, ROWS, RUN, STAT_NAMES, STATS, TOKENS, VERSION, StoreError, atomic_write,
+                     chunk_name, complete, dtype_name, read_json, read_rows, write_json)
+from .plan import Entry, resolve
+from .writer import ChunkWriter
+
+
+def collect_activations(model: Any, data: Any, modules: Any, out_dir: str, *, batch_size: int = 8,
+                        max_length: Optional[int] = None, dtype: Optional[torch.dtype] = None,
+                        include_inputs: bool = False, gather_tp: bool = False, resume: bool = True,
+                        progress: bool = True, chunk_batches: int = 16) -> Any:
+    """Run ``model`` over ``data`` and write the chosen modules' activations to ``out_dir``.
+
+    A collective: every rank of the job calls it with the same arguments. ``data`` is a list
+    of strings, a ``.txt`` (a document per line) or ``.jsonl`` (a ``text`` field) file, or a
+    ``datasets`` column; ``modules`` paths or glob patterns relative to the model
+    (``"model.layers.*.mlp"``). Documents are tokenized with the model's tokenizer, cut to
+    ``max_length`` tokens; ``batch_size`` documents make one trace, ``chunk_batches`` batches
+    one chunk. Values are stored in ``dtype`` (default: as the model computes them).
+    ``include_inputs`` also stores each module's first input (``<path>.input``).
+    ``gather_tp`` stores tensor-parallel shards whole (once per tensor-parallel group).
+    With ``resume`` complete chunks of an interrupted run are kept; without it the
+    directory's earlier store is removed first. Rank 0 shows a progress bar unless
+    ``progress`` is false. Returns the :class:`~.reader.ActivationStore` on every rank.
+    Errors in the arguments raise :class:`~.format.StoreError` on every rank before any work.
+    """
+    for name, value in (("batch_size", batch_size), ("chunk_batches", chunk_batches)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise StoreError(f"{name} must be a positive integer, got {value!r}")
+    if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+        raise StoreError(f"max_length must be a positive integer or None, got {max_length!r}")
+    if model.tokenizer is None:
+        raise StoreError("collect_activations tokenizes documents: the model has no tokenizer")
+    topo = model.topology
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    docs = Documents(data)
+    entries = resolve(model, modules, include_inputs, gather_tp)
+    run = _run_spec(model, docs, entries, batch_size, max_length, dtype, include_inputs, gather_tp, chunk_batches)
+    _prepare(out_dir, run, resume, topo)
+
+    share = replica_range(len(docs), topo.dp_rank, topo.dp)
+    batches = [range(i, min(i + batch_size, share.stop)) for i in range(share.start, share.stop, batch_size)]
+    chunks = [batches[i:i + chunk_batches] for i in range(0, len(batches), chunk_batches)]
+    mine = [e for e in entries if e.writes(topo.pp_rank, topo.tp_rank)]  # the others observe for gathers
+    writes_tokens = topo.pp_rank == 0 and topo.tp_rank == 0
+
+    def files(c: int) -> dict[str, str]:
+        named = {e.name: chunk_name(e.name, topo.dp_rank, c, topo.tp_rank if e.sharded else 0) for e in mine}
+        if writes_tokens:
+            named[TOKENS] = chunk_name(TOKENS, topo.dp_rank, c)
+        return named
+
+    skip = _agree(out_dir, topo, [c for c in range(len(chunks)) if all(complete(out_dir, f) for f in files(c).values())])
+    recorder = _Recorder(model, entries, dtype)
+    writer = ChunkWriter(out_dir)
+    bar = _Bar(progress and topo.rank == 0, len(share), writer)
+    try:
+        for c, chunk in enumerate(chunks):
+            named = files(c)
+            if c in skip:
+                bar.update(sum(len(b) for b in chunk), 0)
+                continue
+            for batch in chunk:
+                rows = _tokenize(model, docs.read(batch), max_length)
+                values, tokens = recorder.run(rows, batch.start)
+                out = {named[name]: v for name, v in values.items()}
+                if writes_tokens:
+                    out[named[TOKENS]] = tokens
+                writer.put(out)
+                bar.update(len(batch), int(tokens.shape[0]))
+            writer.end_chunk()
+        writer.close()
+    except BaseException:
+        writer.abandon()
+        bar.close()
+        raise
+    bar.close()
+    records = {name: complete(out_dir, name) for c in range(len(chunks)) for name in files(c).values()}
+    missing = [n for n, r in records.items() if r is None]
+    if missing:
+        raise StoreError(f"rank {topo.rank}: chunk {missing[0]} was not written completely")
+    _finish(out_dir, run, topo, entries, records, len(chunks))
+    from .reader import ActivationStore
+
+    return ActivationStore(out_dir)
+
+
+# ---------------------------------------------------------------------- the run's identity
+
+
+def _run_spec(model: Any, docs: Documents, entries: list[Entry], batch_size: int, max_length: Optional[int],
+              dtype: Optional[torch.dtype], include_inputs: bool, gather_tp: bool, chunk_batches: int) -> dict:
+    topo = model.topology
+    return {
+        "format": FORMAT, "version": VERSION,
+        "model": {"name": str(getattr(model.config, "_name_or_path", "") or type(model._module).__name__),
+                  "root": model.path, "config_sha256": _model_fingerprint(model)},
+        "data": {"fingerprint": docs.fingerprint, "documents": len(docs)},
+        "options": {"batch_size": batch_size, "max_length": max_length,
+                    "dtype": None if dtype is None else dtype_name(dtype), "include_inputs": include_inputs,
+                    "gather_tp": gather_tp, "chunk_batches": chunk_batches},
+        "layout": {"world_size": topo.world_size, "tp": topo.tp, "pp": topo.pp, "dp": topo.dp},
+        "entries": {e.name: e.describe() for e in entries},
+    }
+
+
+def _model_fingerprint(model: Any) -> str:
+    """sha256 of the model's configuration and a sample of its weights' bytes: the last MiB
+    of each checkpoint file (reading 140 GB to name a model is not an option)."""
+    config = model.config.to_dict()
+    for key in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "_attn_implementation_autoset"):
+        config.pop(key, None)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    source = str(getattr(model.config, "_name_or_path", "") or "")
+    weights = sorted(f for f in os.listdir(source) if f.endswith((".safetensors", ".bin"))) \
+        if os.path.isdir(source) else []
+    for name in weights:
+        path = os.path.join(source, name)
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            f.seek(max(0, size - (1 << 20)))
+            digest.update(f"{name}:{size}:".encode() + f.read())
+    if not weights:
+        for _, p in sorted(model._module.state_dict().items())[:4]:
+            digest.update(p.detach().cpu().reshape(-1)[:4096].to(torch.float64).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _prepare(out_dir: str, run: dict, resume: bool, topo: Any) -> None:
+    """Check (rank 0) the directory against ``run``; every rank raises the same error."""
+    verdict = ""
+    if topo.rank == 0:
+        verdict = _check_directory(out_dir, run, resume)
+    verdict = broadcast_object(verdict, 0) if topo.distributed else verdict
+    if verdict:
+        raise StoreError(verdict)
+
+
+def _check_directory(out_dir: str, run: dict, resume: bool) -> str:
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        return f"{out_dir} exists and is not a directory"
+    earlier = None
+    for name in (RUN, MANIFEST):
+        path = os.path.join(out_dir, name)
+        if os.path.exists(path):
+            try:
+                earlier = read_json(path)
+            except StoreError as e:
+                return str(e)
+            break
+    if earlier is None:
+        if os.path.isdir(out_dir) and os.listdir(out_dir):
+            return (f"{out_dir} is not empty and holds no activation store: choose a new directory "
+                    "(nothing there was changed)")
+    elif not resume:
+        for entry in list(earlier.get("entries", {})) + [TOKENS]:
+            shutil.rmtree(os.path.join(out_dir, entry), ignore_errors=True)
+        for name in (MANIFEST, STATS, RUN):
+            if os.path.exists(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
+    else:
+        differences = [f"{key} ({_short(earlier.get(key))} there, {_short(run[key])} now)"
+                       for key in ("model", "data", "entries", "options", "layout") if earlier.get(key) != run[key]]
+        if differences:
+            return (f"{out_dir} holds a store collected with another " + "; another ".join(differences)
+                    + ": resume only continues the same collection. Use another out_dir, or resume=False "
+                    "to replace that store")
+    os.makedirs(out_dir, exist_ok=True)
+    write_json(os.path.join(out_dir, RUN), run)
+    return ""
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _agree(out_dir: str, topo: Any, done: list[int]) -> set[int]:
+    """The chunks complete on every rank of this replica (the same answer on all of them)."""
+    if not topo.distributed:
+        return set(done)
+    everyone = gather_object(done, dst=0)
+    if topo.rank == 0:
+        size = topo.pp * topo.tp
+        agreed = [sorted(set.intersection(*(set(everyone[r]) for r in range(d * size, (d + 1) * size))))
+                  for d in range(topo.dp)]
+    else:
+        agreed = None
+    return set(broadcast_object(agreed, 0)[topo.dp_rank])
+
+
+# ---------------------------------------------------------------------- the traces
+
+
+def _tokenize(model: Any, texts: list[str], max_length: Optional[int]) -> list[list[int]]:
+    if max_length is None:
+        return [list(ids) for ids in model.tokenizer(texts)["input_ids"]]
+    return [list(ids) for ids in model.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+
+
+class _Recorder:
+    """Runs one trace per batch and keeps the real tokens' rows of the entries this rank writes."""
+
+    def __init__(self, model: Any, entries: list[Entry], dtype: Optional[torch.dtype]) -> None:
+        topo = model.topology
+        self.model = model
+        self.entries = entries
+        self.writes = {e.name for e in entries if e.writes(topo.pp_rank, topo.tp_rank)}
+        self.dtype = dtype
+        self.values: dict[str, torch.Tensor] = {}
+        self.mask = torch.zeros((0, 0), dtype=torch.bool)
+
+    def run(self, rows: list[list[int]], first_document: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Trace ``rows`` (token ids; empty ones are left out); this rank's rows per entry it
+        writes, and the tokens index ``(document, position, token id)``."""
+        kept = [i for i, r in enumerate(rows) if r]
+        self.values = {}
+        if not kept:
+            return {name: torch.zeros(0) for name in self.writes}, torch.zeros((0, 3), dtype=torch.long)
+        prompt = [rows[i] for i in kept]
+        _, batch, _, _ = self.model._batch([((prompt,), {})])  # the layout the trace will use
+        mask = self.mask = batch["attention_mask"].bool().cpu()
+        model = self.model
+        with model.trace(prompt) as tracer:
+            _attach(self, tracer)
+        missing = sorted(self.writes - set(self.values))
+        if missing:
+            raise StoreError(f"{missing[0]} was not visited by the forward pass, so it has no activations to store")
+        document = (torch.tensor(kept, dtype=torch.long) + first_document)[:, None].expand_as(mask)[mask]
+        position = (mask.long().cumsum(1) - 1)[mask]
+        return self.values, torch.stack([document, position, batch["input_ids"].cpu()[mask]], 1)
+
+    def observer(self, entry: Entry) -> Any:
+        def record(value: Any, visit: int) -> None:
+            if entry.name not in self.writes:
+                return
+            if visit > 0 or entry.name in self.values:
+                raise StoreError(f"{entry.module} runs more than once in a forward pass: its visits cannot be "
+                                 "stored as one row per token")
+            self.values[entry.name] = self.rows(entry, value)
+
+        return record
+
+    def rows(self, entry: Entry, value: Any) -> torch.Tensor:
+        """The rows of the real tokens of the stored element of ``value``."""
+        if entry.key == "input":
+            args, kwargs = value
+            value = [*args, *kwargs.values()][0] if (args or kwargs) else None
+        elif isinstance(value, (tuple, list)):
+            value = value[0] if value else None
+        elif isinstance(value, dict) or hasattr(value, "to_tuple"):
+            value = next(iter(value.values()), None)
+        mask = self.mask
+        if not isinstance(value, torch.Tensor) or value.dim() < 2 or tuple(value.shape[:2]) != tuple(mask.shape):
+            what = type(value).__name__ if not isinstance(value, torch.Tensor) else f"a tensor of shape {tuple(value.shape)}"
+            raise StoreError(f"{entry.name} is {what}, not a [batch {mask.shape[0]}, sequence {mask.shape[1]}, ...] "
+                             "tensor: only per-token values can be stored")
+        if entry.sharded and (entry.dim % value.dim()) < 2:
+            raise StoreError(f"{entry.name} is sharded along dimension {entry.dim} of a {value.dim()}-d value: "
+                             "pass gather_tp=True to store it whole")
+        out = value.detach()[mask.to(value.device)]
+        if self.dtype is not None and out.is_floating_point():
+            out = out.to(self.dtype)
+        return out.cpu()
+
+
+def _attach(recorder: _Recorder, tracer: Any) -> None:
+    """Observe every entry of ``recorder`` in ``tracer``'s run (called inside the trace body)."""
+    il = tracer.interleaver
+    for entry in recorder.entries:
+        fragment_kept = entry.sharded or entry.placement == "whole"
+        il.observe(entry.location, recorder.observer(entry), local=fragment_kept, routed=False)
+
+
+# ---------------------------------------------------------------------- the manifest
+
+
+def _finish(out_dir: str, run: dict, topo: Any, entries: list[Entry], records: dict, n_chunks: int) -> None:
+    """Every rank's records and statistics to rank 0, which writes the manifest last."""
+    stats: dict[str, dict[str, torch.Tensor]] = {}
+    for name, record in records.items():
+        if name.startswith(TOKENS + "/"):
+            continue
+        entry = name.split("/")[0]
+        totals = stats.setdefault(entry, {})
+        for stat in STAT_NAMES:
+            value = read_rows(out_dir, record, name=stat)
+            totals[stat] = value if stat not in totals else totals[stat] + value
+        totals["count"] = totals.get("count", 0) + record["rows"]
+    mine = {"rank": [topo.dp_rank, topo.pp_rank, topo.tp_rank], "chunks": n_chunks,
+            "records": records, "stats": stats}
+    everyone = gather_object(mine, dst=0) if topo.distributed else [mine]
+    error = ""
+    if topo.rank == 0:
+        try:
+            _write_manifest(out_dir, run, entries, everyone)
+        except (OSError, StoreError) as e:
+            error = f"rank 0 could not write the manifest of {out_dir}: {e}"
+    error = broadcast_object(error, 0) if topo.distributed else error
+    if error:
+        raise StoreError(error)
+
+
+def _write_manifest(out_dir: str, run: dict, entries: list[Entry], everyone: list[dict]) -> None:
+    tp = run["layout"]["tp"]
+    by_file = {name: record for part in everyone for name, record in part["records"].items()}
+    chunks, first_row = [], 0
+    n_chunks = {part["rank"][0]: part["chunks"] for part in everyone}
+    for replica in sorted(n_chunks):
+        for c in range(n_chunks[replica]):
+            tokens = by_file[chunk_name(TOKENS, replica, c)]
+            files = {TOKENS: [tokens]}
+            for e in entries:
+                files[e.name] = [by_file[chunk_name(e.name, replica, c, t)] for t in (range(tp) if e.sharded else [0])]
+            chunks.append({"replica": replica, "index": c, "first_row": first_row, "rows": tokens["rows"],
+                           "documents": _documents(out_dir, tokens), "files": files})
+            first_row += tokens["rows"]
+    stats_tensors = {}
+    entry_info = {}
+    for e in entries:
+        parts = [(part["rank"], part["stats"][e.name]) for part in everyone if e.name in part["stats"]]
+        shape, dtype = _shape_dtype(out_dir, chunks, e)
+        dim = None if not e.sharded else (e.dim if e.dim < 0 else e.dim - 1)
+        if dim is not None and dim < 0:
+            dim += 1 + len(shape)
+        if parts:
+            total = _combine(parts, e.sharded, dim)
+            for stat, value in total.items():
+                stats_tensors[f"{e.name}/{stat}"] = value
+        entry_info[e.name] = {"module": e.module[len(run["model"]["root"]) + 1:], "key": e.key, "shape": shape,
+                              "dtype": dtype, "placement": e.placement, "dim": dim,
+                              "shards": tp if e.sharded else 1, "owner_stage": e.owner_stage}
+    from safetensors.torch import save as save_bytes
+
+    data = save_bytes({k: v.contiguous() for k, v in sorted(stats_tensors.items())})
+    atomic_write(os.path.join(out_dir, STATS), data)
+    manifest = {**{k: run[k] for k in ("format", "version", "model", "data", "options", "layout")},
+                "num_tokens": first_row, "entries": entry_info, "chunks": chunks,
+                "stats": {"file": STATS, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "rows": 0}}
+    write_json(os.path.join(out_dir, MANIFEST), manifest)
+
+
+def _documents(out_dir: str, tokens: dict) -> list[int]:
+    if tokens["rows"] == 0:
+        return [0, 0]
+    column = read_rows(out_dir, tokens)[:, 0]
+    return [int(column.min()), int(column.max()) + 1]
+
+
+def _shape_dtype(out_dir: str, chunks: list[dict], e: Entry) -> tuple[list[int], str]:
+    """The whole row shape and dtype of ``e``, from the header of its first non-empty chunk."""
+    for chunk in chunks:
+        if chunk["rows"]:
+            parts = [read_rows(out_dir, r, 0, 1) for r in chunk["files"][e.name]]
+            if e.sharded:
+                d = e.dim if e.dim < 0 else e.dim - 1
+                whole = torch.cat(parts, d)
+            else:
+                whole = parts[0]
+            return list(whole.shape[1:]), dtype_name(whole.dtype)
+    return [], "float32"
+
+
+def _combine(parts: list, sharded: bool, dim: Optional[int]) -> dict[str, torch.Tensor]:
+    """Totals over replicas (summed) and shards (concatenated by feature, norms summed)."""
+    by_tp: dict[int, dict[str, torch.Tensor]] = {}
+    for (replica, _, tp_rank), stats in parts:
+        slot = by_tp.setdefault(tp_rank if sharded else 0, {})
+        for k, v in stats.items():
+            v = torch.as_tensor(v, dtype=torch.float64) if k == "count" else v
+            slot[k] = v if k not in slot else slot[k] + v
+    shards = [by_tp[t] for t in sorted(by_tp)]
+    feature_dim = (dim - 1) if dim is not None else 0
+    return {
+        "count": shards[0]["count"].reshape(1),
+        "sum": torch.cat([s["sum"] for s in shards], feature_dim) if sharded else shards[0]["sum"],
+        "sum_sq": torch.cat([s["sum_sq"] for s in shards], feature_dim) if sharded else shards[0]["sum_sq"],
+        "sum_sq_norm": sum(s["sum_sq_norm"] for s in shards),
+    }
+
+
+class _Bar:
+    """Rank 0's progress: documents, with tokens/s and MB/s written."""
+
+    def __init__(self, show: bool, total: int, writer: ChunkWriter) -> None:
+        self.writer = writer
+        self.start = time.monotonic()
+        self.tokens = 0
+        self.bar = None
+        if show:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="doc", desc="collect", dynamic_ncols=True)
+
+    def update(self, documents: int, tokens: int) -> None:
+        self.tokens += tokens
+        if self.bar is None:
+            return
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        self.bar.set_postfix_str(f"{self.tokens / elapsed:,.0f} tok/s, {self.writer.bytes_written / elapsed / 1e6:,.1f} MB/s",
+                                 refresh=False)
+        self.bar.update(documents)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
