@@ -29,6 +29,9 @@ from .modeling.language_model import LanguageModel, TransformersModel
 from .config import CONFIG
 from .modeling.nnsight import NNsight
 from .intervention.save import save
+from .store.collect import collect_activations
+from .store.data import split_for_replica
+from .store.format import StoreError
 
 __version__ = "0.1.0"
 
@@ -54,6 +57,9 @@ __all__ = [
     "TracingSourceError",
     "UnsendableObject",
     "UnshardableModel",
+    "StoreError",
+    "collect_activations",
+    "split_for_replica",
     "WriteShapeError",
     "CONFIG",
     "TransformersModel",

@@ -193,12 +193,21 @@ def _check_directory(out_dir: str, run: dict, resume: bool) -> str:
         differences = [f"{key} ({_short(earlier.get(key))} there, {_short(run[key])} now)"
                        for key in ("model", "data", "entries", "options", "layout") if earlier.get(key) != run[key]]
         if differences:
-            return (f"{out_dir} holds a store collected with another " + "; another ".join(differences)
+            return (f"{out_dir} holds a store collected with a different " + "; a different ".join(differences)
                     + ": resume only continues the same collection. Use another out_dir, or resume=False "
                     "to replace that store")
+        _remove_partial_writes(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     write_json(os.path.join(out_dir, RUN), run)
     return ""
+
+
+def _remove_partial_writes(out_dir: str) -> None:
+    """Temporary files a crashed run left (see :func:`.format.atomic_write`)."""
+    for folder, _, names in os.walk(out_dir):
+        for name in names:
+            if ".tmp" in name and name.rsplit(".tmp", 1)[1].isdigit():
+                os.remove(os.path.join(folder, name))
 
 
 def _short(value: Any) -> str:
