@@ -53,10 +53,11 @@ listed in row order (replica, then chunk index), which is document order.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -160,6 +161,39 @@ def read_rows(root: str, record: dict, start: int = 0, stop: Optional[int] = Non
               name: str = ROWS) -> torch.Tensor:
     """Rows ``start:stop`` of a chunk file's tensor ``name``, memory-mapped; a missing,
     truncated or corrupt file is a :class:`StoreError` naming it."""
+    return read_spans(root, record, [(start, stop)], name)[0]
+
+
+def read_spans(root: str, record: dict, spans: list[tuple[int, Optional[int]]],
+               name: str = ROWS) -> list[torch.Tensor]:
+    """Rows ``start:stop`` of a chunk file's tensor ``name`` for each ``(start, stop)`` of
+    ``spans`` (``stop`` ``None``: to the end), the file opened and memory-mapped once;
+    errors as :func:`read_rows`."""
+    with _opened(root, record) as (path, f):
+        try:
+            part = f.get_slice(name)
+            rows = part.get_shape()[0]
+            return [part[start:rows if stop is None else stop] for start, stop in spans]
+        except (SafetensorError, OSError, KeyError, ValueError) as e:
+            raise StoreError(f"{path} cannot be read ({e}): the chunk is corrupt") from None
+
+
+def read_tensors(root: str, record: dict, names: list[str]) -> dict[str, torch.Tensor]:
+    """Whole tensors ``names`` of a file the manifest records (``stats.safetensors``, say);
+    a missing name or file, or a truncated or corrupt one, is a :class:`StoreError`."""
+    with _opened(root, record) as (path, f):
+        missing = [n for n in names if n not in f.keys()]
+        if missing:
+            raise StoreError(f"{path} has no tensor {missing[0]!r}: the store is damaged")
+        try:
+            return {n: f.get_tensor(n) for n in names}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise StoreError(f"{path} cannot be read ({e}): the file is corrupt") from None
+
+
+@contextlib.contextmanager
+def _opened(root: str, record: dict) -> Iterator[tuple[str, Any]]:
+    """The path and ``safe_open`` handle of a recorded file whose size is the record's."""
     path = os.path.join(root, record["file"])
     try:
         size = os.path.getsize(path)
@@ -169,12 +203,11 @@ def read_rows(root: str, record: dict, start: int = 0, stop: Optional[int] = Non
         raise StoreError(f"{path} has {size} bytes, the manifest says {record['bytes']}: the chunk is "
                          "truncated or was replaced")
     try:
-        with safe_open(path, framework="pt") as f:
-            part = f.get_slice(name)
-            stop = part.get_shape()[0] if stop is None else stop
-            return part[start:stop]
-    except (SafetensorError, OSError, KeyError, ValueError) as e:
-        raise StoreError(f"{path} cannot be read ({e}): the chunk is corrupt") from None
+        handle = safe_open(path, framework="pt")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise StoreError(f"{path} cannot be read ({e}): the file is corrupt") from None
+    with handle as f:
+        yield path, f
 
 
 def sha256_file(path: str) -> str:
