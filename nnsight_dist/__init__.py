@@ -32,6 +32,7 @@ from .intervention.save import save
 from .store.collect import collect_activations
 from .store.data import split_for_replica
 from .store.format import StoreError
+from .store.reader import ActivationStore
 
 __version__ = "0.1.0"
 
@@ -58,6 +59,7 @@ __all__ = [
     "UnsendableObject",
     "UnshardableModel",
     "StoreError",
+    "ActivationStore",
     "collect_activations",
     "split_for_replica",
     "WriteShapeError",
