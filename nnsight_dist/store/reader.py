@@ -86,10 +86,10 @@ class EntryReader:
             raise IndexError(f"row indices of {self.name!r} must be 1-D, got shape {tuple(index.shape)}")
         if index.dtype == torch.bool:
             if index.numel() != n:
-                raise IndexError(f"a row mask of {self.name!r} has {n} elements, got {index.numel()}")
+                raise IndexError(f"a row mask of {self.name!r} must have {n} elements, got {index.numel()}")
             return self.read_indices(index.nonzero().flatten())
-        if index.numel() == 0:
-            index = index.long()
+        if index.numel() == 0:  # as_tensor([]) is float: an empty list is no rows
+            return self._empty()
         if index.dtype.is_floating_point or index.dtype.is_complex:
             raise IndexError(f"row indices must be integers, got {index.dtype}")
         index = index.long()
