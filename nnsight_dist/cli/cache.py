@@ -48,7 +48,7 @@ def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
     return dtype
 
 
-def main(argv: list[str]) -> int:
+def main_cache(argv: list[str]) -> int:
     """Parse ``argv`` and collect; 0 on success."""
     args = parser().parse_args(argv)
     import nnsight_dist as nd

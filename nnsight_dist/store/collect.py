@@ -375,7 +375,7 @@ def _write_manifest(out_dir: str, run: dict, entries: list[Entry], everyone: lis
     data = save_bytes({k: v.contiguous() for k, v in sorted(stats_tensors.items())})
     atomic_write(os.path.join(out_dir, STATS), data)
     manifest = {**{k: run[k] for k in ("format", "version", "model", "data", "options", "layout")},
-                "num_tokens": first_row, "entries": entry_info, "chunks": chunks,
+                "num_tokens": first_row, "entries": entry_info, "order": [e.name for e in entries], "chunks": chunks,
                 "stats": {"file": STATS, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "rows": 0}}
     write_json(os.path.join(out_dir, MANIFEST), manifest)
 

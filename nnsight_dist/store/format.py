@@ -35,6 +35,7 @@ The manifest (JSON)::
      "options": {"batch_size", "max_length", "dtype", "include_inputs", "gather_tp", "chunk_batches"},
      "layout": {"world_size", "tp", "pp", "dp"},
      "num_tokens": int,
+     "order": [entry names in the model's module order],
      "entries": {name: {"module": path, "key": "output" | "input",
                         "shape": [feature dims of a whole row], "dtype": "float32",
                         "placement": the engine's placement of the value (its first element

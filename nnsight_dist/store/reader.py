@@ -279,7 +279,8 @@ class ActivationStore:
             raise StoreError(f"{manifest_path} has format version {manifest.get('version')!r}; this "
                              f"reader knows version {fmt.VERSION}: use the nnsight_dist that wrote it")
         self.manifest: dict = manifest
-        self.modules: list[str] = list(manifest["entries"])
+        #: Entry names in the model's module order (the manifest's entries are key-sorted).
+        self.modules: list[str] = list(manifest.get("order") or manifest["entries"])
         self.num_tokens: int = int(manifest["num_tokens"])
         self._starts = self._row_starts()
         self._entries: dict[str, EntryReader] = {}

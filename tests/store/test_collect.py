@@ -172,10 +172,11 @@ def test_bad_patterns_fail_before_any_work(model, tmp_path, bad, match):
     assert not out.exists()
 
 
-def test_patterns_match_within_one_level(model, tmp_path):
-    got = nd.collect_activations(model, DOCS[:3], ["model.layers.*.mlp", "model.model.norm"], str(tmp_path / "s"),
-                                 progress=False)
-    assert got.modules == [f"model.layers.{i}.mlp" for i in range(4)] + ["model.norm"]
+def test_patterns_match_within_one_level_in_model_order(tmp_path):
+    path = nd.testing.make_tiny_model(str(tmp_path / "deep"), arch="llama", layers=12)
+    got = nd.collect_activations(nd.LanguageModel(path), DOCS[:3], ["model.model.norm", "model.layers.*.mlp"],
+                                 str(tmp_path / "s"), progress=False)
+    assert got.modules == [f"model.layers.{i}.mlp" for i in range(12)] + ["model.norm"]
 
 
 def test_resume_refuses_another_model_or_data(store, tiny, tmp_path_factory):
