@@ -58,11 +58,12 @@ import contextlib
 import hashlib
 import json
 import os
+import threading
 from typing import Any, Iterator, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as save_bytes
+from safetensors.torch import save_file
 
 from ..intervention.errors import NNsightError
 
@@ -98,19 +99,33 @@ def sidecar(path: str) -> str:
 def atomic_write(path: str, data: bytes) -> None:
     """Write ``data`` at ``path`` so that ``path`` is absent or complete, never partial:
     a temporary name in the same directory, fsync, rename, fsync of the directory."""
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    tmp = _temporary(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+    _publish(tmp, path)
+
+
+def _temporary(path: str) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return f"{path}.tmp{os.getpid()}"
+
+
+def _publish(tmp: str, path: str, digest: Any = None) -> None:
+    """fsync ``tmp`` (hashing it into ``digest`` meanwhile: the flush waits on the disk, the
+    hash reads the page cache), rename it to ``path``, fsync the directory."""
+    fd = os.open(tmp, os.O_RDONLY)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
+        flush = threading.Thread(target=os.fsync, args=(fd,), name="nnsight_dist-fsync")
+        flush.start()
+        if digest is not None:
+            with open(fd, "rb", closefd=False) as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(block)
+        flush.join()
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    dfd = os.open(folder, os.O_RDONLY)
+    dfd = os.open(os.path.dirname(path), os.O_RDONLY)
     try:
         os.fsync(dfd)
     finally:
@@ -135,10 +150,12 @@ def read_json(path: str) -> Any:
 def write_chunk(root: str, name: str, tensors: dict[str, torch.Tensor]) -> dict:
     """Write one chunk file (the rows under :data:`ROWS`, and any small tensors beside them,
     such as the chunk's statistics) and its sidecar; the sidecar's record."""
-    data = save_bytes({k: v.contiguous() for k, v in tensors.items()})
     path = os.path.join(root, name)
-    atomic_write(path, data)
-    record = {"file": name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+    tmp = _temporary(path)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    digest = hashlib.sha256()
+    _publish(tmp, path, digest)
+    record = {"file": name, "sha256": digest.hexdigest(), "bytes": os.path.getsize(path),
               "rows": int(tensors[ROWS].shape[0])}
     write_json(sidecar(path), record)
     return record

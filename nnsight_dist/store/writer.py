@@ -23,9 +23,13 @@ _END = object()
 
 
 def row_stats(rows: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The float64 statistics of ``rows`` ([rows, *features]) stored beside them."""
-    x = rows.to(torch.float64)
-    return {"sum": x.sum(0), "sum_sq": (x * x).sum(0), "sum_sq_norm": (x * x).sum().reshape(1)}
+    """The statistics of ``rows`` ([rows, *features]) stored beside them, as float64.
+
+    Summed in float32 (pairwise, so about 1e-7 relative within a chunk: four times faster
+    than float64 sums) and kept in float64 from there on, across chunks and replicas."""
+    x = rows.float()
+    squares = (x * x).sum(0)
+    return {"sum": x.sum(0).double(), "sum_sq": squares.double(), "sum_sq_norm": squares.double().sum().reshape(1)}
 
 
 class ChunkWriter:
