@@ -50,6 +50,9 @@ class Failures:
         #: Collectives issued in the current trace: group name -> [[kind, dtype, shape], ...].
         self.ledger: dict[str, list] = {}
         self._names = {id(g): name for name, g in topo._groups.items()}
+        #: The ranks whose errors end this rank's trace: the replica's, or this stage's
+        #: tensor-parallel group in a stage-local trace (see :mod:`.replica`).
+        self.scope: Optional[list[int]] = None
 
     def begin(self, trace: int) -> None:
         """Start trace number ``trace``: no failure, an empty ledger; the store keys this
@@ -114,7 +117,7 @@ class Failures:
                 error = RemoteError(data["rank"], f"{data['message']}; the job cannot trace any more: restart it")
                 error.lost = True
                 return error
-            for rank in self.topo.replica_ranks():
+            for rank in self.scope or self.topo.replica_ranks():
                 key = self._key(rank)
                 if rank != self.topo.rank and self._store.check([key]):
                     data = json.loads(self._store.get(key).decode())

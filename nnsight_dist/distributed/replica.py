@@ -27,15 +27,26 @@ interventions (the engine's collectives and transfers match). Every rank then *s
 the trace (:meth:`ReplicaSeam.fail`): it writes the ledger of the collectives it issued to
 the store, reads the others', and issues the ones it missed, so that nothing is left
 posted, half-matched or counted differently when the next trace starts.
+
+*Stage-local* traces (:meth:`ReplicaSeam.stage_local`, used by the activation store's
+collection) let the stages of a replica work on different traces at once: stage 0 runs
+trace k+1 while stage 1 runs trace k. Only the engine's hidden states travel between the
+stages (the logits stay on the last stage: nobody reads them); the end-of-trace exchanges,
+the input check and the settling of a failure stay within the stage's tensor-parallel
+group; nothing else may cross stages (a body reading another stage's value is refused).
+A stage is then at most one trace ahead: completing the send of its hidden states waits
+for the next stage to take them. Errors do not cross stages inside such traces: the
+caller exchanges them itself (the collection does, once per chunk).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -306,13 +317,12 @@ class ReplicaSeam(Seam):
         all-gather of a digest per trace; a difference is a :class:`DivergenceError` on
         every rank, before the model runs."""
         found = tensors((args, kwargs))
-        if len(self.topo.replica_ranks()) == 1 or any(_shape_only(t) for t in found):
+        ranks, group = self._scope()
+        if len(ranks) == 1 or any(_shape_only(t) for t in found):
             return  # a scan: shapes only, and the ranks compare what they serve
-        ranks = self.topo.replica_ranks()
         mine = torch.tensor([_digest(found)], dtype=torch.long)
         parts = [torch.zeros(1, dtype=torch.long) for _ in ranks]
-        self.failures.all_gather(parts, mine, self.topo.group("replica"), "the check of the trace's inputs",
-                                 "the replica")
+        self.failures.all_gather(parts, mine, group, "the check of the trace's inputs", "the replica")
         digests = [int(p.item()) for p in parts]
         if len(set(digests)) > 1:
             differ = [r for r, d in zip(ranks, digests) if d != digests[0]]
@@ -424,6 +434,15 @@ class ReplicaSeam(Seam):
         ranks = self.topo.replica_ranks()
         if not router.peers:
             return  # one stage: nothing travels between stages
+        if router.stage_local:
+            crossing = sorted(set(router.traffic) - {"h"})
+            if crossing or self.interleaver.remote_waiting:
+                raise NNsightError(
+                    "a stage-local trace (the activation store's collection) moved values between stages "
+                    f"({', '.join(crossing) or 'a request for another stage'}): its bodies may only observe "
+                    "their own stage")
+            router.complete_sends()
+            return
         if self._observed:
             router.broadcast(("o", self.topo.rank), self._observed)
             self._observed = []
@@ -450,6 +469,23 @@ class ReplicaSeam(Seam):
                     f"{self.topo.rank} never asked for{mine}: the intervention code differs between ranks "
                     "(branching on the rank inside a trace is not allowed)"
                 )
+
+    def _scope(self) -> tuple[list[int], Any]:
+        """The ranks (and their group) a trace's own exchanges span: the replica, or this
+        stage's tensor-parallel group in a stage-local trace."""
+        if self.router.stage_local:
+            return self.failures.members("tp"), self.topo.group("tp")
+        return self.topo.replica_ranks(), self.topo.group("replica")
+
+    @contextlib.contextmanager
+    def stage_local(self) -> Iterator[None]:
+        """Run the traces of the block stage-locally (see the module docstring)."""
+        router, failures = self.router, self.failures
+        router.stage_local, failures.scope = True, self.failures.members("tp")
+        try:
+            yield
+        finally:
+            router.stage_local, failures.scope = False, None
 
     def close(self) -> None:
         """The digest barrier (see the module docstring), then check mode's comparison."""
@@ -506,7 +542,7 @@ class ReplicaSeam(Seam):
         try:
             self.failures.set("end", json.dumps(self.failures.ledger))
             ledgers = {me: self.failures.ledger}
-            pending = [r for r in self.topo.replica_ranks() if r != me]
+            pending = [r for r in self._scope()[0] if r != me]
             deadline = time.monotonic() + self.topo.timeout
             while pending and time.monotonic() < deadline:
                 if store.check([_LOST]):
@@ -531,9 +567,10 @@ class ReplicaSeam(Seam):
         # Stages visit different numbers of call points (a placeholder layer's submodules are
         # not called), so the steps and what was served are compared, not the visit count.
         mine = torch.tensor([il.step + 1, len(entries), int.from_bytes(digest, "little")], dtype=torch.long)
-        ranks = self.topo.replica_ranks()
+        ranks, group = self._scope()
+        if len(ranks) == 1:
+            return
         parts = [torch.zeros(3, dtype=torch.long) for _ in ranks]
-        group = self.topo.group("replica")
         self.failures.all_gather(parts, mine, group, "the end-of-trace barrier", "the replica")
         if self.failures._store is not None:
             self.failures.set("done", "ok")

@@ -193,6 +193,9 @@ class Router:
         self.sent: dict[int, int] = dict.fromkeys(self.peers, 0)
         self.received: dict[int, int] = dict.fromkeys(self.peers, 0)
         self.closed = False
+        #: In a stage-local trace (:meth:`.replica.ReplicaSeam.stage_local`) only the hidden
+        #: states travel: the engine keeps the logits on the last stage.
+        self.stage_local = False
         #: Called with (source rank, key, value) for each message of the current trace.
         self.on_message: Optional[Callable[[int, tuple, Any], None]] = None
 

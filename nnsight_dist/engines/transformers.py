@@ -310,6 +310,8 @@ def attach_pipeline(model: torch.nn.Module, topo: Topology, interleaver: Any, ro
             return out
 
         def receive_logits(out: Any) -> Any:
+            if router.stage_local:
+                return out  # nobody reads them: this stage goes on to its next trace
             logits = router.wait(("logits", interleaver.step), "logits", topo.rank_of(last, topo.tp_rank), engine=True)
             return logits.to(out.device)
 
@@ -317,6 +319,8 @@ def attach_pipeline(model: torch.nn.Module, topo: Topology, interleaver: Any, ro
         points[f"{root}.lm_head"].after = receive_logits
     else:
         def send_logits(out: Any) -> Any:
+            if router.stage_local:
+                return out
             router.broadcast(("logits", interleaver.step), out)
             return out
 

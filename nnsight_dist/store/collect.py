@@ -19,6 +19,7 @@ from every rank's records.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -29,6 +30,7 @@ from typing import Any, Optional
 import torch
 
 from ..distributed.exchange import broadcast_object, gather_object
+from ..intervention.errors import RemoteError
 from .data import Documents, replica_range
 from .format import (FORMAT, MANIFEST, ROWS, RUN, STAT_NAMES, STATS, TOKENS, VERSION, StoreError, atomic_write,
                      chunk_name, complete, dtype_name, read_json, read_rows, write_json)
@@ -39,7 +41,7 @@ from .writer import ChunkWriter
 def collect_activations(model: Any, data: Any, modules: Any, out_dir: str, *, batch_size: int = 8,
                         max_length: Optional[int] = None, dtype: Optional[torch.dtype] = None,
                         include_inputs: bool = False, gather_tp: bool = False, resume: bool = True,
-                        progress: bool = True, chunk_batches: int = 16) -> Any:
+                        progress: bool = True, chunk_batches: int = 16, pipelined: Optional[bool] = None) -> Any:
     """Run ``model`` over ``data`` and write the chosen modules' activations to ``out_dir``.
 
     A collective: every rank of the job calls it with the same arguments. ``data`` is a list
@@ -52,8 +54,15 @@ def collect_activations(model: Any, data: Any, modules: Any, out_dir: str, *, ba
     ``gather_tp`` stores tensor-parallel shards whole (once per tensor-parallel group).
     With ``resume`` complete chunks of an interrupted run are kept; without it the
     directory's earlier store is removed first. Rank 0 shows a progress bar unless
-    ``progress`` is false. Returns the :class:`~.reader.ActivationStore` on every rank.
-    Errors in the arguments raise :class:`~.format.StoreError` on every rank before any work.
+    ``progress`` is false. Under pipeline parallelism the stages work on different batches
+    at once unless ``pipelined`` is false (stage-local traces: see
+    :meth:`..distributed.replica.ReplicaSeam.stage_local`). Returns the
+    :class:`~.reader.ActivationStore` on every rank.
+
+    Errors in the arguments raise :class:`~.format.StoreError` on every rank before any
+    work. An error while collecting (in a trace, or writing) ends the collection on every
+    rank at the end of the chunk in progress, each rank raising its own error or a
+    :class:`RemoteError` naming the first; complete chunks stay for a rerun to resume.
     """
     for name, value in (("batch_size", batch_size), ("chunk_batches", chunk_batches)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -85,22 +94,33 @@ def collect_activations(model: Any, data: Any, modules: Any, out_dir: str, *, ba
     recorder = _Recorder(model, entries, dtype)
     writer = ChunkWriter(out_dir)
     bar = _Bar(progress and topo.rank == 0, len(share), writer)
+    seam = model.interleaver.seam
+    staged = (topo.pp > 1 if pipelined is None else pipelined) and hasattr(seam, "stage_local")
+    error: Optional[BaseException] = None
     try:
-        for c, chunk in enumerate(chunks):
-            named = files(c)
-            if c in skip:
-                bar.update(sum(len(b) for b in chunk), 0)
-                continue
-            for batch in chunk:
-                rows = _tokenize(model, docs.read(batch), max_length)
-                values, tokens = recorder.run(rows, batch.start)
-                out = {named[name]: v for name, v in values.items()}
-                if writes_tokens:
-                    out[named[TOKENS]] = tokens
-                writer.put(out)
-                bar.update(len(batch), int(tokens.shape[0]))
-            writer.end_chunk()
-        writer.close()
+        with seam.stage_local() if staged else contextlib.nullcontext():
+            for c, chunk in enumerate(chunks):
+                named = files(c)
+                if c in skip:
+                    bar.update(sum(len(b) for b in chunk), 0)
+                    continue
+                for batch in chunk:
+                    try:
+                        values, tokens = recorder.run(_tokenize(model, docs.read(batch), max_length), batch.start)
+                        if error is None:
+                            out = {named[name]: v for name, v in values.items()}
+                            if writes_tokens:
+                                out[named[TOKENS]] = tokens
+                            writer.put(out)
+                        bar.update(len(batch), int(tokens.shape[0]))
+                    except Exception as e:  # the ranks go on in step to the chunk's end, then all raise
+                        error = error or e
+                        if getattr(e, "lost", False):
+                            raise
+                if error is None:
+                    error = _attempt(writer.end_chunk)
+                _raise_everywhere(topo, error)
+            _raise_everywhere(topo, error or _attempt(writer.close))
     except BaseException:
         writer.abandon()
         bar.close()
@@ -117,6 +137,33 @@ def collect_activations(model: Any, data: Any, modules: Any, out_dir: str, *, ba
 
 
 # ---------------------------------------------------------------------- the run's identity
+
+
+def _attempt(fn: Any) -> Optional[Exception]:
+    """``fn()``'s exception, or ``None``."""
+    try:
+        fn()
+    except Exception as e:
+        return e
+    return None
+
+
+def _raise_everywhere(topo: Any, error: Optional[BaseException]) -> None:
+    """Raise on every rank when any rank has an ``error`` (a collective over the job, once
+    per chunk): each rank its own error, the others a :class:`RemoteError` naming it."""
+    if not topo.distributed:
+        if error is not None:
+            raise error
+        return
+    said = None if error is None else {"rank": topo.rank, "type": type(error).__name__, "message": str(error)}
+    everyone = gather_object(said, dst=0)
+    first = next((s for s in everyone if s is not None), None) if topo.rank == 0 else None
+    first = broadcast_object(first, 0)
+    if error is not None:
+        raise error
+    if first is not None:
+        raise RemoteError(first["rank"], f"{first['type']}: {first['message']} (the collection stopped on every rank; "
+                          "complete chunks are kept: rerun to resume)")
 
 
 def _run_spec(model: Any, docs: Documents, entries: list[Entry], batch_size: int, max_length: Optional[int],
