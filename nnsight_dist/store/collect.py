@@ -81,6 +81,10 @@ def collect_activations(model: Any, data: Any, modules: Any, out_dir: str, *, ba
     share = replica_range(len(docs), topo.dp_rank, topo.dp)
     batches = [range(i, min(i + batch_size, share.stop)) for i in range(share.start, share.stop, batch_size)]
     chunks = [batches[i:i + chunk_batches] for i in range(0, len(batches), chunk_batches)]
+    # Every rank passes the same chunk boundaries (where errors are exchanged), whatever its
+    # replica's share: as many as the largest share has.
+    largest = len(replica_range(len(docs), topo.dp - 1, topo.dp))
+    boundaries = -(-largest // (batch_size * chunk_batches))
     mine = [e for e in entries if e.writes(topo.pp_rank, topo.tp_rank)]  # the others observe for gathers
     writes_tokens = topo.pp_rank == 0 and topo.tp_rank == 0
 
@@ -99,11 +103,11 @@ def collect_activations(model: Any, data: Any, modules: Any, out_dir: str, *, ba
     error: Optional[BaseException] = None
     try:
         with seam.stage_local() if staged else contextlib.nullcontext():
-            for c, chunk in enumerate(chunks):
-                named = files(c)
+            for c in range(boundaries):
+                chunk = chunks[c] if c < len(chunks) and c not in skip else []
                 if c in skip:
-                    bar.update(sum(len(b) for b in chunk), 0)
-                    continue
+                    bar.update(sum(len(b) for b in chunks[c]), 0)
+                named = files(c)
                 for batch in chunk:
                     try:
                         values, tokens = recorder.run(_tokenize(model, docs.read(batch), max_length), batch.start)
@@ -117,7 +121,7 @@ def collect_activations(model: Any, data: Any, modules: Any, out_dir: str, *, ba
                         error = error or e
                         if getattr(e, "lost", False):
                             raise
-                if error is None:
+                if error is None and chunk:
                     error = _attempt(writer.end_chunk)
                 _raise_everywhere(topo, error)
             _raise_everywhere(topo, error or _attempt(writer.close))

@@ -131,3 +131,44 @@ def test_errors_raise_on_every_rank_tp2(reference, tmp_path):
     assert all("matches no module" in m for m in messages) and messages[0] == messages[1]
     assert not os.path.exists(tmp_path / "s")
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def _disk_full(rank: int, path: str, tp: int, pp: int, out: str, victim: int) -> tuple[str, str, float]:
+    """Collect; on ``victim`` the second chunk's files cannot be written (a full disk)."""
+    import time
+
+    from nnsight_dist.store import writer
+
+    if rank == victim:
+        write = writer.write_chunk
+
+        def full(root, name, tensors):
+            if "-c000001" in name:
+                raise OSError(28, "No space left on device")
+            return write(root, name, tensors)
+
+        writer.write_chunk = full
+    start = time.monotonic()
+    try:
+        _collect(rank, path, tp, pp, out, OPTIONS)
+    except Exception as e:
+        return type(e).__name__, str(e), time.monotonic() - start
+    return "ok", "", time.monotonic() - start
+
+
+@pytest.mark.parametrize("topology", ["pp2", "tp2_pp2", "tp2_dp2"])
+def test_write_error_on_one_rank_ends_every_rank_then_resumes(reference, topology, tmp_path):
+    path, expected = reference
+    world, tp, pp = TOPOLOGIES[topology]
+    out = str(tmp_path / "store")
+    victim = world - 1
+    results = run_ranks(_disk_full, world, path, tp, pp, out, victim, timeout=240, env=ENV)
+    for rank, (kind, message, seconds) in enumerate(results):
+        assert "No space left on device" in message, (rank, kind, message)
+        assert kind == ("OSError" if rank == victim else "RemoteError"), (rank, kind)
+        assert seconds < 30, f"rank {rank} took {seconds:.1f} s to raise"  # not a timeout (60 s)
+    assert not os.path.exists(os.path.join(out, "manifest.json"))
+    run_ranks(_collect, world, path, tp, pp, out, OPTIONS, timeout=240, env=ENV)
+    store = nd.ActivationStore(out)
+    for name in expected.modules:
+        torch.testing.assert_close(store[name][:], expected[name][:], rtol=1e-4, atol=1e-5)
