@@ -123,9 +123,10 @@ class BackwardPass:
         try:
             with _grad_property(self):
                 il.start(block)
-                if not block.done:
-                    with torch.autograd.set_multithreading_enabled(False):
-                        self.backward()
+                # Run even when the block has ended already: the pass accumulates into the
+                # parameters' ``.grad`` and frees the graph, as a plain backward does.
+                with torch.autograd.set_multithreading_enabled(False):
+                    self.backward()
                 self._dangling()
         finally:
             if block.greenlet is not None and not block.greenlet.dead:
@@ -163,8 +164,9 @@ class BackwardPass:
             self.unnamed += 1
             name = f"<tensor {self.unnamed}>"
         location = name + ".grad"
-        if location in self.sites:  # the same value's gradient for other rows (another invoke's)
-            location = f"{name}[rows {rows[0]}:{rows[0] + rows[1]}].grad"
+        if location in self.sites:
+            # Another tensor of the same location: another visit's, or other rows of it.
+            location = f"{location}#{len(self.sites)}"
         # A tensor autograd does not track is refused here by torch (as in nnsight 0.8.1).
         handle = target.register_hook(self._hook(location, self._site(location), rows))
         self.handles.append(handle)

@@ -387,3 +387,29 @@ def test_errors_as_nnsight(pair, scenario, base):
     for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(expected)):
         if isinstance(a, torch.Tensor):
             equal(a, b)
+
+
+def test_a_block_that_asks_nothing_still_runs_the_pass(llama):
+    with llama.model.trace(PROMPT):
+        loss = last_token_loss(llama.model.lm_head.output)
+        with loss.backward():
+            pass
+    logits, _ = ref_run(llama, PROMPT, ())
+    last_token_loss(logits).backward()
+    close(llama.model._module.lm_head.weight.grad, llama.ref.lm_head.weight.grad)
+
+
+def test_gradient_through_an_ad_hoc_call(llama):
+    """A logit lens in the loss: layer 2's gradient sums the model's path and the path
+    through the modules called ad hoc on it."""
+    L = llama.layers()
+    with llama.model.trace(PROMPT):
+        h2 = L[2].output
+        lens = llama.model.lm_head(llama.model.model.norm(h2))
+        loss = last_token_loss(llama.model.lm_head.output) + last_token_loss(lens)
+        with loss.backward():
+            g2 = h2.grad.save()
+    logits, outs = ref_run(llama, PROMPT, (2,))
+    ref_lens = llama.ref.lm_head(llama.final_norm(llama.ref)(outs[2]))
+    r2 = torch.autograd.grad(last_token_loss(logits) + last_token_loss(ref_lens), outs[2])[0]
+    close(g2, r2)
