@@ -14,6 +14,7 @@ and calls torch's own function, so both libraries live in one process.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import sys
 from types import FrameType
@@ -49,6 +50,7 @@ def backward_blocks(interleaver: Interleaver) -> Iterator[None]:
         torch.Tensor.backward = previous
 
 
+@functools.wraps(_TORCH_BACKWARD)
 def _backward(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
     """``Tensor.backward`` during a trace: a :class:`BackwardBlock` when it opens a ``with``
     statement of a running body, else torch's backward."""
@@ -57,9 +59,6 @@ def _backward(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
     if med is not None and getcurrent() is med.greenlet and opens_with(sys._getframe(1), "backward"):
         return BackwardBlock(il, tensor, args, kwargs)
     return _TORCH_BACKWARD(tensor, *args, **kwargs)
-
-
-_backward.__doc__ = f"{_backward.__doc__}\n\n{_TORCH_BACKWARD.__doc__}"
 
 
 class BackwardBlock(_Block):

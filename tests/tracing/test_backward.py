@@ -60,6 +60,25 @@ def last_token_loss(logits, row=0):
 # ---------------------------------------------------------------------------- against PyTorch
 
 
+def _first(value):
+    return value[0] if isinstance(value, tuple) else value
+
+
+def test_grads_of_each_architecture(tiny):
+    """Every tiny architecture (gpt2 blocks return tuples: the gradient of an element)."""
+    L = tiny.layers()
+    with tiny.model.trace(PROMPT):
+        h = _first(L[1].output)
+        loss = last_token_loss(tiny.model.lm_head.output)
+        with loss.backward():
+            g = h.grad.save()
+    outs = []
+    with hooked((tiny.layers(tiny.ref)[1], "forward", lambda m, a, out: outs.append(_first(out)))):
+        logits = tiny.ref(**tiny.ref_inputs(PROMPT)).logits
+    close(g, torch.autograd.grad(last_token_loss(logits), outs[0])[0])
+    tiny.model.zero_grad(set_to_none=True)
+
+
 def test_grads_of_layer_outputs(llama):
     L = llama.layers()
     with llama.model.trace(PROMPT) as tracer:
@@ -259,6 +278,18 @@ def read_and_write(model):
     return (g2, g0, n, again, gl), {k: k in locals() for k in ("g2", "unsaved", "again")}
 
 
+def parameter(model):
+    with model.trace(PROMPT):
+        w = model.model.layers[1].mlp.down_proj.weight.save()
+        loss = model.lm_head.output[0, -1].logsumexp(-1)
+        with loss.backward():
+            gw = w.grad.save()
+            w.grad = torch.zeros_like(w.grad)
+    accumulated = w.grad.clone()
+    model.zero_grad(set_to_none=True)
+    return gw, accumulated
+
+
 def invokes(model):
     with model.trace() as tracer:
         with tracer.invoke(SAME_LEN[0]):
@@ -346,7 +377,7 @@ def grad_of_ids(model):
 
 
 @needs_nnsight
-@pytest.mark.parametrize("scenario", [read_and_write, invokes, plain_backward])
+@pytest.mark.parametrize("scenario", [read_and_write, parameter, invokes, plain_backward])
 def test_values_as_nnsight(pair, scenario):
     theirs, ours = pair
     expected, got = scenario(theirs), scenario(ours)
