@@ -126,7 +126,7 @@ class BackwardPass:
                 # Run even when the block has ended already: the pass accumulates into the
                 # parameters' ``.grad`` and frees the graph, as a plain backward does.
                 with torch.autograd.set_multithreading_enabled(False):
-                    self.backward()
+                    il.seam.backward(self.backward)
                 self._dangling()
         finally:
             if block.greenlet is not None and not block.greenlet.dead:
