@@ -644,6 +644,7 @@ class Interleaver:
         self.location = self.value = None
         self.main = None
         self.origins = Origins()
+        self.calls_backward = False
 
     def observe(self, location: str, fn: Callable[[Any, int], None], local: bool = False,
                 routed: bool = True) -> None:

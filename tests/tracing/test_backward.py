@@ -319,6 +319,45 @@ def plain_backward(model):
     return (none, g), sorted({(w.category.__name__, str(w.message)[:60]) for w in caught if "grad" in str(w.message)})
 
 
+def stop_in_block(model):
+    with model.trace(PROMPT) as tracer:
+        h1 = model.model.layers[1].output
+        loss = model.lm_head.output.sum()
+        with loss.backward():
+            g1 = h1.grad.save()
+            tracer.stop()
+        after = True
+    return g1, {k: k in locals() for k in ("g1", "after")}
+
+
+def catch_in_block(model):
+    with model.trace(PROMPT):
+        h0 = model.model.layers[0].output
+        h1 = model.model.layers[1].output
+        loss = model.lm_head.output.sum()
+        with loss.backward():
+            g0 = h0.grad.save()
+            try:
+                h1.grad  # passed: the error can be caught in the block
+            except Exception as error:
+                caught = type(error).__name__.save()
+    return (g0, caught), {k: k in locals() for k in ("g0", "caught")}
+
+
+def _block_in_a_helper(loss, h):
+    with loss.backward():
+        g = h.grad.save()
+    return g
+
+
+def helper(model):
+    with model.trace(PROMPT) as tracer:
+        h = model.model.layers[1].output
+        loss = model.lm_head.output.sum()
+        g = _block_in_a_helper(loss, h).save()
+    return g, tracer.calls_backward if hasattr(tracer, "calls_backward") else False
+
+
 def earlier_first(model):
     with model.trace(PROMPT):
         h0 = model.model.layers[0].output
@@ -377,7 +416,7 @@ def grad_of_ids(model):
 
 
 @needs_nnsight
-@pytest.mark.parametrize("scenario", [read_and_write, parameter, invokes, plain_backward])
+@pytest.mark.parametrize("scenario", [read_and_write, parameter, invokes, plain_backward, stop_in_block, catch_in_block, helper])
 def test_values_as_nnsight(pair, scenario):
     theirs, ours = pair
     expected, got = scenario(theirs), scenario(ours)
