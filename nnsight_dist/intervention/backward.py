@@ -16,7 +16,8 @@ itself, or a parameter, gets ``<tensor k>.grad``, k counting the pass's unnamed 
 The visit comes from a tensor hook (a real PyTorch hook) registered on the first request:
 on the tensor itself, or for an invoke's rows of a batched value, on the full-batch tensor
 the model continued with; the hook passes the gradient through the interleaver's one
-primitive, ``handle(location, gradient)``.
+primitive, ``handle(location, gradient)``. The pass itself is started through the seam
+(:meth:`.seam.Seam.backward`), which in one process just runs it.
 
 Order rules (nnsight 0.8.1's): gradients arrive in the reverse of the forward order, so a
 block asks for them from the last layer back. A gradient requested after its visit, or of
