@@ -22,8 +22,8 @@ primitive, ``handle(location, gradient)``. The pass itself is started through th
 Order rules (nnsight 0.8.1's): gradients arrive in the reverse of the forward order, so a
 block asks for them from the last layer back. A gradient requested after its visit, or of
 a tensor the backward never reaches (a slice taken in the body, ``output[:, -1]``, is not
-what the model continued with), or a forward location asked for inside the block, is an
-``OutOfOrderError`` once the backward pass is over. Outside a block ``.grad`` is torch's
+what the model continued with) is an ``OutOfOrderError`` once the backward pass is over;
+so is a forward location asked for inside the block (at once when it has passed). Outside a block ``.grad`` is torch's
 own (``None`` and torch's warning for a non-leaf, unless ``retain_grad()`` was called).
 """
 
