@@ -38,6 +38,12 @@ class WriteShapeError(NNsightError, ValueError):
     """A replacement value whose shape differs from the value it replaces."""
 
 
+class NoGradientError(NNsightError, NotImplementedError):
+    """``with t.backward():`` on a tensor that autograd does not track (nnsight 0.8.1 raises
+    ``NotImplementedError``): the forward ran under ``torch.no_grad()`` (``generate``, or a
+    distributed trace), or the tensor was made without ``requires_grad``."""
+
+
 class TracingSourceError(NNsightError):
     """The body of a ``with`` block could not be found or compiled."""
 

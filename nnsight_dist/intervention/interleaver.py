@@ -36,6 +36,7 @@ from typing import Any, Callable, Optional
 import torch
 from greenlet import GreenletExit, getcurrent, greenlet
 
+from .backward import Origins
 from .batcher import Batcher
 from .errors import MissedProviderError, NotTracingError, OutOfOrderError
 from .mediator import Mediator, StepsExhausted, Wait
@@ -133,6 +134,11 @@ class Interleaver:
         self.stopped = False
         #: The error that failed the current run (see :meth:`tolerate`), else ``None``.
         self.failure: Optional[BaseException] = None
+        #: Where the tensors served in this run came from (gradient locations, see
+        #: :mod:`.backward`).
+        self.origins = Origins()
+        #: Whether the running trace's body calls ``.backward(`` (set before the model runs).
+        self.calls_backward = False
 
     # ------------------------------------------------------------------ call points
 
@@ -314,6 +320,7 @@ class Interleaver:
                 send = None
                 if wait.kind == "value":
                     send = self.batcher.narrow(self.value, med.group)
+                    self.origins.record(location, self.value, send, med.group)
                     if self.seam.routing:
                         self.seam.served(med.index, wait.payload, location, send)
                 elif wait.kind == "swap":
@@ -459,6 +466,7 @@ class Interleaver:
         site, it, now = self._check(med, location)
         if now:
             value = self.batcher.narrow(self.value, med.group)
+            self.origins.record(location, self.value, value, med.group)
             if self.seam.routing:
                 self.seam.served(med.index, seq, location, value)
             return value
@@ -573,6 +581,7 @@ class Interleaver:
         self.stopped = False
         self.failure = None
         self.batcher = Batcher(batch_size)
+        self.origins = Origins()
         self.main = getcurrent()
 
     def finish(self) -> None:
@@ -634,6 +643,8 @@ class Interleaver:
         self.current = None
         self.location = self.value = None
         self.main = None
+        self.origins = Origins()
+        self.calls_backward = False
 
     def observe(self, location: str, fn: Callable[[Any, int], None], local: bool = False,
                 routed: bool = True) -> None:

@@ -102,6 +102,12 @@ class Seam:
         """A sharded cache assembled whole on rank ``dst`` of the replica (here: itself)."""
         return cache
 
+    def backward(self, run: Callable[[], None]) -> None:
+        """The backward pass of a ``with t.backward():`` block: ``run()`` runs autograd from
+        ``t`` on this rank, its gradient visits handled as they come (see :mod:`.backward`).
+        One process just runs it; a pipeline seam also carries gradients between stages."""
+        run()
+
     def begin(self) -> None:
         """A trace starts."""
 

@@ -114,6 +114,9 @@ class Body:
     #: The body is only ``pass``/constants: Python runs it outside the ``with`` block's
     #: exception handling, so it must not be skipped by raising (running it is harmless).
     trivial: bool = False
+    #: The body's source calls ``.backward(`` somewhere (nested blocks included): known
+    #: before the model runs. A backward called from a function defined elsewhere is not seen.
+    calls_backward: bool = False
 
     def bind(self, namespace: Scope) -> Callable[[], Any]:
         """Return the body as a function running in ``namespace``."""
@@ -126,6 +129,7 @@ class Body:
 
 
 _BODIES: dict[tuple[CodeType, int], Body] = {}
+_OPENS: dict[tuple[CodeType, int, str], bool] = {}
 _TREES: dict[str, tuple[int, ast.Module]] = {}
 
 
@@ -141,6 +145,29 @@ def capture(frame: FrameType) -> Body:
         body = _compile(frame)
         _BODIES[key] = body
     return body
+
+
+def opens_with(frame: FrameType, method: str) -> bool:
+    """Whether the line ``frame`` runs is the header of a ``with`` statement whose context
+    is a call of ``.method(...)`` (``with loss.backward():``), as opposed to a plain call.
+
+    False when the source is unavailable. Cached per (code object, line).
+    """
+    key = (frame.f_code, frame.f_lineno, method)
+    found = _OPENS.get(key)
+    if found is None:
+        try:
+            node = _find_with(_tree(frame.f_code.co_filename, frame.f_globals), frame.f_lineno)
+        except (TracingSourceError, SyntaxError):
+            found = False
+        else:
+            found = any(_calls(item.context_expr, method) for item in node.items)
+        _OPENS[key] = found
+    return found
+
+
+def _calls(node: ast.AST, method: str) -> bool:
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == method
 
 
 def _tree(filename: str, module_globals: dict) -> ast.Module:
@@ -205,7 +232,8 @@ def _compile(frame: FrameType) -> Body:
     code = code.replace(co_name=frame.f_code.co_name)
     trivial = all(isinstance(st, ast.Pass) or (isinstance(st, ast.Expr) and isinstance(st.value, ast.Constant))
                   for st in node.body)
-    return Body(code, filename, node.lineno, first, trivial)
+    backward = any(_calls(n, "backward") for st in node.body for n in ast.walk(st))
+    return Body(code, filename, node.lineno, first, trivial, backward)
 
 
 def skip_body(frame: FrameType, first: int) -> Callable[[], None]:

@@ -147,6 +147,8 @@ class InterleavingTracer(_Block):
         self._scopes: list[Scope] = []
         self._root: Optional[Mediator] = None
         self._started = False
+        #: Whether the body calls ``.backward(`` (an AST scan, known before the model runs).
+        self.calls_backward = False
         self.interleaver._new_site("result")
 
     #: Write back every name the body binds, saved or not (scans hold no real values).
@@ -246,6 +248,7 @@ class InterleavingTracer(_Block):
         self._scopes.append(sc)
 
     def _captured(self, frame: FrameType) -> None:
+        self.calls_backward = self._body.calls_backward
         sc = scope(frame, shared={})
         self._scopes = [sc]
         registry: dict[int, Any] = {}
@@ -263,11 +266,20 @@ class InterleavingTracer(_Block):
             push_names(frame, names)
 
     def _execute(self, body: Callable[[], Any]) -> None:
+        # Imported here: a backward block is a ``_Block`` of this module.
+        from .backward import backward_blocks
+
         il = self.interleaver
         if il.active:
             raise NNsightError("a trace is already running on this model: traces do not nest")
+        with backward_blocks(il):
+            self._run_body(body)
+
+    def _run_body(self, body: Callable[[], Any]) -> None:
+        il = self.interleaver
         root = self._root = Mediator(body, None, "trace body")
         root.index = _LAST
+        il.calls_backward = self.calls_backward
         il.begin(None)
         il.seam.begin()
         try:
