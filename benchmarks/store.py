@@ -11,7 +11,8 @@
              and against nnsight 0.8.1 as a user writes it (a trace per batch saving the
              modules, padding dropped by hand, one ``save_file`` per batch), interleaved.
 ``memory``   Peak resident memory of a collection in a fresh process as the data grows
-             1×, 2×, 4× (``ru_maxrss`` of each child).
+             1×, 2×, 4× (Linux: the peak is reset through ``/proc/self/clear_refs`` once the
+             model is loaded, and read as ``VmHWM`` when the collection returns).
 ``pipeline`` At pp=2 on two forked ranks: collection time over the same documents with the
              stages working on different batches at once against one batch at a time.
 
@@ -25,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import resource
 import shutil
 import subprocess
 import sys
@@ -194,13 +194,16 @@ def bench_memory(args: argparse.Namespace) -> str:
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             raise SystemExit(out.stderr[-3000:])
-        tokens, mb, peak = out.stdout.split()[-3:]
-        body.append([f"{scale}×", tokens, f"{float(mb):,.0f}", f"{int(peak) / 1024:,.0f}"])
-    base = float(body[0][3].replace(",", ""))
+        tokens, mb, before, peak = out.stdout.split()[-4:]
+        body.append([f"{scale}×", tokens, f"{float(mb):,.0f}", f"{int(before) / 1024:,.0f}", f"{int(peak) / 1024:,.0f}",
+                     f"{(int(peak) - int(before)) / 1024:,.0f}"])
+    base = float(body[0][4].replace(",", ""))
     for row in body:
-        row.append(f"{float(row[3].replace(',', '')) / base:.3f}")
-    return ("memory: peak resident memory of a collection in a fresh process\n"
-            + common.render(["data", "tokens", "MB written", "peak RSS MiB", "÷ 1×"], body, args.markdown))
+        row.append(f"{float(row[4].replace(',', '')) / base:.3f}")
+    return ("memory: resident memory of a collection in a fresh process (model loaded before; peak reset "
+            "just before the collection)\n"
+            + common.render(["data", "tokens", "MB written", "RSS before MiB", "peak RSS MiB", "peak - before",
+                             "peak ÷ 1×"], body, args.markdown))
 
 
 def child_memory(args: argparse.Namespace) -> None:
@@ -209,10 +212,20 @@ def child_memory(args: argparse.Namespace) -> None:
     model = nd.LanguageModel(tiny_model(args))
     docs = documents(args.docs * args.child_memory, args.words, seed=1)
     out = tempfile.mkdtemp(dir=args.tmp)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current resident set
+    before = _status("VmRSS")
     store = nd.collect_activations(model, docs, args.modules, out, batch_size=args.batch_size, progress=False)
+    peak = _status("VmHWM")
     mb = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs) / 1e6
     shutil.rmtree(out)
-    print(store.num_tokens, mb, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    print(store.num_tokens, mb, before, peak)
+
+
+def _status(field: str) -> int:
+    """A ``/proc/self/status`` memory field, in KiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 # ---------------------------------------------------------------------------- pipeline

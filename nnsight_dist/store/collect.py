@@ -312,7 +312,7 @@ class _Recorder:
         _, batch, _, _ = self.model._batch([((prompt,), {})])  # the layout the trace will use
         mask = self.mask = batch["attention_mask"].bool().cpu()
         model = self.model
-        with model.trace(prompt) as tracer:
+        with torch.no_grad(), model.trace(prompt) as tracer:  # observe only: no graph kept
             _attach(self, tracer)
         missing = sorted(self.writes - set(self.values))
         if missing:
