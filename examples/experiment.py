@@ -121,10 +121,12 @@ def pyplot() -> Optional[Any]:
     return plt
 
 
-def heatmap(ax: Any, table: torch.Tensor, tokens: Sequence[str], title: str, label: str) -> None:
+def heatmap(ax: Any, table: torch.Tensor, tokens: Sequence[str], title: str, label: str,
+            bound: Optional[float] = None) -> None:
     """Draw a ``[layers, positions]`` table on ``ax``: layers down, positions across (labelled by
-    their tokens), a diverging color scale centred on 0."""
-    bound = float(table.abs().max()) or 1.0
+    their tokens), a diverging color scale from ``-bound`` to ``bound`` (default: the table's
+    largest magnitude)."""
+    bound = bound or float(table.abs().max()) or 1.0
     image = ax.imshow(table.numpy(), cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto")
     ax.set_xticks(range(len(tokens)), [repr(t)[1:-1] for t in tokens], rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(table.shape[0]))
