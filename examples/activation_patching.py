@@ -28,7 +28,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 import nnsight_dist as nd
-from experiment import Prompts, add_prompts, grid_rows, heatmap, load_model, logit_diff, parser, prompts, pyplot, write_csv
+from experiment import (Prompts, add_prompts, grid_rows, heatmap, load_model, logit_diff, parser, prompts, pyplot,
+                        write_csv)
 
 
 @dataclass
@@ -78,7 +79,8 @@ def sweep(model: Any, p: Prompts, batch: int = 16) -> Optional[Sweep]:
         cells = [(layer, pos) for layer in range(len(hidden)) for pos in range(len(p.tokens))]
         mine = nd.split_for_replica(cells)
         values = [patch(model, p, hidden, mine[i:i + batch]) for i in range(0, len(mine), batch)]
-    gathered = nd.gather_object({"cells": [list(c) for c in mine], "values": torch.cat(values) if values else torch.zeros(0)})
+    mine_values = torch.cat(values) if values else torch.zeros(0)  # a replica may get no cells
+    gathered = nd.gather_object({"cells": [list(c) for c in mine], "values": mine_values})
     if gathered is None:
         return None
     table = torch.full((len(hidden), len(p.tokens)), float("nan"))

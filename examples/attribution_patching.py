@@ -28,7 +28,8 @@ import torch
 
 import nnsight_dist as nd
 from activation_patching import clean_run, normalize, sweep
-from experiment import Prompts, add_prompts, grid_rows, heatmap, load_model, logit_diff, parser, prompts, pyplot, write_csv
+from experiment import (Prompts, add_prompts, grid_rows, heatmap, load_model, logit_diff, parser, prompts, pyplot,
+                        write_csv)
 
 
 def attribution(model: Any, p: Prompts) -> torch.Tensor:

@@ -87,8 +87,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     rows = [(layer, pos, inputs[pos], int(result.tokens[layer, pos]), decode(result.tokens[layer, pos]),
              float(result.probs[layer, pos]))
             for layer in range(result.tokens.shape[0]) for pos in range(result.tokens.shape[1])]
-    write_csv(os.path.join(args.out, "logit_lens.csv"), ("layer", "position", "token", "top_id", "top_token", "probability"),
-              rows)
+    header = ("layer", "position", "token", "top_id", "top_token", "probability")
+    write_csv(os.path.join(args.out, "logit_lens.csv"), header, rows)
     plt = pyplot()
     if plt is not None:
         draw(plt, result, inputs, decode, os.path.join(args.out, "logit_lens.png"))

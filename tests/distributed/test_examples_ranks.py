@@ -36,7 +36,7 @@ RUNS = {
 #: Runs that need gradients through sharded models (under way): strict, so that the day
 #: they pass the marker must go.
 GRADIENTS = pytest.mark.xfail(raises=RanksFailed, strict=True,
-                              reason="backward() inside a distributed trace is refused until gradients under tp/pp land")
+                              reason="backward() in a distributed trace is refused until gradients under tp/pp land")
 #: each example's table: its label columns (equal) and value columns (within 1e-4)
 COLUMNS = {
     "activation_patching": (("layer", "position", "token"), ("value",)),
