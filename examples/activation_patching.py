@@ -29,7 +29,7 @@ import torch
 
 import nnsight_dist as nd
 from experiment import (Prompts, add_prompts, grid_rows, heatmap, load_model, logit_diff, parser, prompts, pyplot,
-                        write_csv)
+                        save_figure, write_csv, wrote)
 
 
 @dataclass
@@ -112,10 +112,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if plt is not None:
         fig, ax = plt.subplots(figsize=(1 + 0.5 * len(pair.tokens), 1.5 + 0.4 * result.table.shape[0]))
         heatmap(ax, result.table, pair.tokens, "activation patching (residual stream)", "normalized logit difference")
-        fig.tight_layout()
-        fig.savefig(os.path.join(args.out, "activation_patching.png"), dpi=100)
-        plt.close(fig)
-    print(f"wrote {args.out}/activation_patching.csv" + (" and .png" if plt is not None else ""))
+        save_figure(plt, fig, os.path.join(args.out, "activation_patching.png"))
+    wrote(args.out, "activation_patching", plt is not None)
 
 
 if __name__ == "__main__":

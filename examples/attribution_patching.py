@@ -29,7 +29,7 @@ import torch
 import nnsight_dist as nd
 from activation_patching import clean_run, normalize, sweep
 from experiment import (Prompts, add_prompts, grid_rows, heatmap, load_model, logit_diff, parser, prompts, pyplot,
-                        write_csv)
+                        save_figure, write_csv, wrote)
 
 
 def attribution(model: Any, p: Prompts) -> torch.Tensor:
@@ -77,10 +77,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         heatmap(axes[0], exact.table, pair.tokens, "activation patching", "normalized logit difference", bound)
         heatmap(axes[1], estimate, pair.tokens, "attribution patching (gradient x difference)",
                 "normalized logit difference (estimate)", bound)
-        fig.tight_layout()
-        fig.savefig(os.path.join(args.out, "attribution_patching.png"), dpi=100)
-        plt.close(fig)
-    print(f"wrote {args.out}/attribution_patching.csv" + (" and .png" if plt is not None else ""))
+        save_figure(plt, fig, os.path.join(args.out, "attribution_patching.png"))
+    wrote(args.out, "attribution_patching", plt is not None)
 
 
 if __name__ == "__main__":

@@ -134,3 +134,15 @@ def heatmap(ax: Any, table: torch.Tensor, tokens: Sequence[str], title: str, lab
     ax.set_ylabel("layer")
     ax.set_title(title, fontsize=10)
     ax.figure.colorbar(image, ax=ax, label=label)
+
+
+def save_figure(plt: Any, fig: Any, path: str) -> None:
+    """Lay ``fig`` out, write it to ``path`` (PNG) and free it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def wrote(out: str, name: str, plotted: bool) -> None:
+    """Say what an example wrote."""
+    print(f"wrote {out}/{name}.csv" + (" and .png" if plotted else ""))

@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 import nnsight_dist as nd
-from experiment import CLEAN, load_model, parser, pyplot, write_csv
+from experiment import CLEAN, load_model, parser, pyplot, save_figure, write_csv, wrote
 
 
 
@@ -65,9 +65,7 @@ def draw(plt: Any, result: Lens, inputs: Sequence[str], decode: Any, path: str) 
     ax.set_ylabel("layer")
     ax.set_title("logit lens: top token of lm_head(norm(layer output))", fontsize=10)
     fig.colorbar(image, ax=ax, label="probability")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(plt, fig, path)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -92,7 +90,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     plt = pyplot()
     if plt is not None:
         draw(plt, result, inputs, decode, os.path.join(args.out, "logit_lens.png"))
-    print(f"wrote {args.out}/logit_lens.csv" + (" and .png" if plt is not None else ""))
+    wrote(args.out, "logit_lens", plt is not None)
 
 
 if __name__ == "__main__":

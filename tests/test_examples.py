@@ -12,8 +12,6 @@ The multi-rank runs of the same examples are in tests/distributed/test_examples_
 
 from __future__ import annotations
 
-import csv
-import importlib
 import os
 import sys
 
@@ -22,20 +20,7 @@ import torch
 import transformers
 
 import nnsight_dist as nd
-
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
-
-
-def example(name: str):
-    """The example module ``examples/<name>.py`` (the examples import each other by name)."""
-    if EXAMPLES not in sys.path:
-        sys.path.insert(0, EXAMPLES)
-    return importlib.import_module(name)
-
-
-def read_csv(path: str) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+from helpers import example, read_csv
 
 
 def column(rows: list[dict[str, str]], name: str) -> torch.Tensor:

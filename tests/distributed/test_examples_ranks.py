@@ -10,21 +10,19 @@ through a sharded model: expected to fail until they are supported).
 
 from __future__ import annotations
 
-import csv
 import importlib
 import importlib.util
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
 import nnsight_dist as nd
+from helpers import example, read_csv
 from nnsight_dist.testing.ranks import RanksFailed, run_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-EXAMPLES = os.path.join(ROOT, "examples")
 ENV = {"NNSIGHT_DIST_TIMEOUT": "60"}
 #: name: (example, world, tp, pp)
 RUNS = {
@@ -45,16 +43,6 @@ COLUMNS = {
 }
 
 
-def example(name: str):
-    """The example module ``examples/<name>.py`` (the examples import each other by name)."""
-    if EXAMPLES not in sys.path:
-        sys.path.insert(0, EXAMPLES)
-    return importlib.import_module(name)
-
-
-def read_csv(path: str) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def assert_same_table(name: str, actual: str, expected: str) -> None:

@@ -4,7 +4,6 @@ then a rerun, ends byte-identical to an uninterrupted run; errors raise on every
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 import nnsight_dist as nd
+from helpers import tree_digest
 from nnsight_dist.testing.ranks import run_ranks
 
 DOCS = [f"text {i}: " + " ".join(["alpha", "tower", "paris", "the", "river"][j % 5] for j in range(i % 11))
@@ -33,14 +33,6 @@ def _collect(rank: int, path: str, tp: int, pp: int, out: str, options: dict) ->
     model = nd.LanguageModel(path, tp=tp, pp=pp)
     return nd.collect_activations(model, DOCS, PATTERNS, out, **options).num_tokens
 
-
-def tree_digest(root: str) -> dict[str, str]:
-    out = {}
-    for folder, _, files in os.walk(root):
-        for f in files:
-            p = os.path.join(folder, f)
-            out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
-    return out
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])

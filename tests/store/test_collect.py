@@ -3,7 +3,6 @@ token index, statistics, resume after damage, and the errors raised before any w
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
@@ -12,6 +11,7 @@ import torch
 import transformers
 
 import nnsight_dist as nd
+from helpers import tree_digest
 from nnsight_dist.store.data import Documents, replica_range
 
 DOCS = [f"document {i} says " + " ".join(["word", "tower", "paris", "the"][j % 4] for j in range(i % 9)) for i in range(22)]
@@ -74,15 +74,6 @@ def store(model, tmp_path_factory):
     return nd.collect_activations(model, DOCS, PATTERNS, str(out), batch_size=4, chunk_batches=2,
                                   include_inputs=True, progress=False)
 
-
-def tree_digest(root: str) -> dict[str, str]:
-    """sha256 of every file under ``root``, by relative path."""
-    out = {}
-    for folder, _, files in os.walk(root):
-        for f in files:
-            p = os.path.join(folder, f)
-            out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
-    return out
 
 
 def test_values_equal_hooked_transformers(tiny, store):
