@@ -5,7 +5,7 @@
 # on the newest releases (in .venv-latest).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-NNSIGHT_DIST_EXTRAS="${NNSIGHT_DIST_EXTRAS:-bench,plot}" bash "$root/launch/setup.sh"
+NNSIGHT_DIST_EXTRAS="${NNSIGHT_DIST_EXTRAS:-bench,plot,data}" bash "$root/launch/setup.sh"
 cd "$root"
 . launch/venv.sh
 . "$venv/bin/activate"

@@ -201,3 +201,13 @@ def test_split_for_replica_is_contiguous_and_complete():
     assert nd.split_for_replica(items) == items  # one process: everything
     blocks = [list(replica_range(10, r, 3)) for r in range(3)]
     assert sum(blocks, []) == items and [len(b) for b in blocks] == [3, 3, 4]
+
+
+def test_a_datasets_column_gives_the_same_store(model, store, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    table = datasets.Dataset.from_dict({"text": DOCS, "id": list(range(len(DOCS)))})
+    for source in (table, table["text"]):
+        out = tmp_path / type(source).__name__
+        nd.collect_activations(model, source, PATTERNS, str(out), batch_size=4, chunk_batches=2,
+                               include_inputs=True, progress=False)
+        assert tree_digest(str(out)) == tree_digest(store.path)
