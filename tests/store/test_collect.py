@@ -211,3 +211,14 @@ def test_a_datasets_column_gives_the_same_store(model, store, tmp_path):
         nd.collect_activations(model, source, PATTERNS, str(out), batch_size=4, chunk_batches=2,
                                include_inputs=True, progress=False)
         assert tree_digest(str(out)) == tree_digest(store.path)
+
+
+def test_max_length_and_dtype(model, store, tmp_path):
+    short = nd.collect_activations(model, DOCS, PATTERNS, str(tmp_path / "s"), batch_size=4, chunk_batches=2,
+                                   include_inputs=True, progress=False, max_length=5, dtype=torch.bfloat16)
+    lengths = [min(len(model.tokenizer(d)["input_ids"]), 5) for d in DOCS]
+    assert short.num_tokens == sum(lengths)
+    assert int(short.tokens()["position"].max()) == 4
+    assert short["model.layers.1.mlp"].dtype == torch.bfloat16
+    keep = store.tokens()["position"] < 5  # the first 5 tokens see the same context when cut
+    torch.testing.assert_close(short["model.layers.1.mlp"][:], store["model.layers.1.mlp"][keep].to(torch.bfloat16))
