@@ -14,7 +14,11 @@ output. A placement is a string:
   its first argument; a per-element one names arguments by position and keywords by name.
 
 Fragmented placements get a codec: an all-gather (or all-reduce) makes the whole value,
-and a slice (or whole-on-one-rank, zeros elsewhere) makes the fragment again. ``local``
+and a slice (or whole-on-one-rank, zeros elsewhere) makes the fragment again. Both are
+differentiable (:class:`_Gather`, :class:`_Cut`), with *whole gradients* on the whole side:
+in a trace that calls backward, a whole value served to a body stays connected to the
+engine's graph, its gradient is the whole gradient (the same on every rank of the group),
+and the gradient of a fragment is this rank's part of it. ``local``
 parts, and objects of the engine's *opaque* types (the key/value cache, which holds this
 rank's heads) anywhere in a value, are served as :class:`Refused` stand-ins that raise
 when used, and go back to the engine as they were.
@@ -29,7 +33,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from ..intervention.batcher import rebuild
+from ..intervention.batcher import map_tensors, rebuild
 from ..intervention.errors import NNsightError
 from ..intervention.seam import Codec
 from .failure import Failures
@@ -208,8 +212,10 @@ class LayoutCodec(Codec):
                 value = rebuild(value, lambda k, v: one(parts.get(k, default), f"{self.location}[{k!r}]")(v))
             else:
                 value = one(parts.get(0, WHOLE), self.location)(value)
-        if gather and self.opaque:
-            value = self._hide_opaque(value, self.name)
+        if gather:
+            value = map_tensors(value, _editable)
+            if self.opaque:
+                value = self._hide_opaque(value, self.name)
         return value
 
     def _hide_opaque(self, value: Any, where: str) -> Any:
@@ -237,6 +243,14 @@ class LayoutCodec(Codec):
         if _shape_only(t):
             # A scan: the whole value's shape, without communication.
             return t if partial else torch.cat([t] * self.tp, dim=dim)
+        return _Gather.apply(t, self, dim, partial, where)
+
+    def _cut(self, t: torch.Tensor, dim: Optional[int], partial: bool) -> torch.Tensor:
+        return _Cut.apply(t, self, dim, partial)
+
+    def collect(self, t: torch.Tensor, dim: Optional[int], partial: bool, where: str) -> torch.Tensor:
+        """The whole tensor from every rank's fragment ``t``: a sum (``partial``) or the
+        concatenation along ``dim``; a collective of the tp group, ledgered by ``failures``."""
         t = t.contiguous()
         if partial:
             out = t.clone()
@@ -246,12 +260,60 @@ class LayoutCodec(Codec):
         self.failures.all_gather(parts, t, self.group, f"the all-gather of {where}", "its tensor-parallel group")
         return torch.cat(parts, dim=dim)
 
-    def _cut(self, t: torch.Tensor, dim: Optional[int], partial: bool) -> torch.Tensor:
+    def part(self, t: torch.Tensor, dim: Optional[int], partial: bool) -> torch.Tensor:
+        """This rank's fragment of the whole tensor ``t`` (a new tensor, never a view of ``t``)."""
         if partial:
-            return t if self.tp_rank == 0 else torch.zeros_like(t)
+            return t.clone() if self.tp_rank == 0 else torch.zeros_like(t)
         size = t.shape[dim] // self.tp
         # Contiguous: engines reshape their fragments with .view().
-        return t.narrow(dim, self.tp_rank * size, size).contiguous()
+        return t.narrow(dim, self.tp_rank * size, size).clone(memory_format=torch.contiguous_format)
+
+
+class _Gather(torch.autograd.Function):
+    """Whole value from fragments, differentiable; the gradient of a fragment from the whole
+    gradient, which every rank of the group holds (the ranks compute the same whole-value
+    side, SPMD): a shard's gradient is its slice of it, a partial term's is all of it (the
+    whole is the sum of the terms). No collective in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, codec: LayoutCodec, dim: Optional[int], partial: bool,
+                where: str) -> torch.Tensor:
+        ctx.codec, ctx.dim, ctx.partial = codec, dim, partial
+        return codec.collect(t, dim, partial, where)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        whole = grad if ctx.partial else ctx.codec.part(grad, ctx.dim, False)
+        return whole, None, None, None, None
+
+
+class _Cut(torch.autograd.Function):
+    """This rank's fragment of a whole value (what the engine continues with), differentiable:
+    the gradient of the whole value is whole. A shard's gradients are gathered from the
+    ranks (an all-gather in backward, the ranks reach it in the same order); a partial
+    term's gradient is already the whole gradient on every rank (the engine's reduction of
+    the terms gives each term the gradient of their sum)."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, codec: LayoutCodec, dim: Optional[int], partial: bool) -> torch.Tensor:
+        ctx.codec, ctx.dim, ctx.partial = codec, dim, partial
+        return codec.part(t, dim, partial)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        codec = ctx.codec
+        whole = grad if ctx.partial else codec.collect(grad, ctx.dim, False, f"the gradient of {codec.location}")
+        return whole, None, None, None
+
+
+def _editable(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy of it when autograd forbids editing it in place: a view made inside a
+    custom autograd function (a ``DTensor.to_local()`` of the engine, in a trace that keeps
+    its graph). The copy is what the model then continues with, so edits of the served
+    value reach the model as they do in one process."""
+    if t.requires_grad and t._is_view() and isinstance(t.grad_fn, torch.autograd.function.BackwardCFunction):
+        return t.clone()
+    return t
 
 
 def _first_argument(value: tuple[tuple, dict], fn: Callable[[Any], Any]) -> tuple[tuple, dict]:
