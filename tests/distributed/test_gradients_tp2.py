@@ -1,0 +1,163 @@
+"""Gradients under tensor parallelism: ``with loss.backward():`` at tp=2 (and tp=2 x dp=2).
+
+The same intervention code runs in one process (the reference: nnsight_dist's one-process
+backward, itself tested against plain PyTorch in tests/tracing/test_backward.py) and on
+forked gloo ranks with transformers' own tensor-parallel engine; every named gradient must
+match within 1e-4 and be bit-identical across the ranks of a tensor-parallel group. The
+locations cover each placement: a whole value (a decoder layer's output), a column-parallel
+output (``up_proj``, ``shard(-1)``), a row-parallel input (``down_proj``) and the
+attention's output; a ``.grad`` write must change the gradients upstream of it exactly as
+in one process. Check mode is on (tests/distributed/conftest.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nnsight_dist as nd
+from nnsight_dist.testing.ranks import run_ranks
+
+PROMPTS = ["The Eiffel Tower is in the city of", "Hello world, how are you today"]
+ENV = {"NNSIGHT_DIST_TIMEOUT": "60"}
+
+
+def last_token_loss(logits: torch.Tensor) -> torch.Tensor:
+    return logits[0, -1].logsumexp(-1)
+
+
+def gradient_values(model, prompt: str) -> dict[str, torch.Tensor]:
+    """Every named gradient of the suite, computed with ``model`` (a tiny 4-layer model)."""
+    layers = model.model.layers
+    v: dict[str, torch.Tensor] = {}
+
+    with model.trace(prompt):                                          # reads, one per placement
+        h0 = layers[0].output                                         # whole
+        attn = layers[1].self_attn.output[0]                           # attention output
+        up = layers[1].mlp.up_proj.output                              # colwise output: shard(-1)
+        down_in = layers[1].mlp.down_proj.input                        # rowwise input: shard(-1)
+        h1 = layers[1].output
+        loss = last_token_loss(model.lm_head.output)
+        with loss.backward():
+            v["layer_output"] = h1.grad.save()                         # reverse order of the forward
+            v["rowwise_input"] = down_in.grad.save()
+            v["colwise_output"] = up.grad.save()
+            v["attention_output"] = attn.grad.save()
+            v["upstream_layer_output"] = h0.grad.save()
+
+    with model.trace(prompt):                                          # writes change what flows upstream
+        up = layers[0].mlp.up_proj.output
+        h0 = layers[0].output
+        up1 = layers[1].mlp.up_proj.output
+        h1 = layers[1].output
+        loss = last_token_loss(model.lm_head.output)
+        with loss.backward():
+            h1.grad = h1.grad * 3                                      # a whole gradient, replaced
+            h1.grad[:, 0] = 0                                          # and edited in place
+            up1.grad[..., :5] = 1e-3                                   # a colwise gradient, edited whole
+            v["written_upstream"] = h0.grad.save()
+            v["written_colwise"] = up.grad.save()
+
+    with model.trace(prompt):                                          # two passes, retain_graph
+        h2 = layers[2].output
+        logits = model.lm_head.output
+        first = last_token_loss(logits)
+        second = logits[0, -2, 5]
+        with first.backward(retain_graph=True):
+            v["first_pass"] = h2.grad.save()
+        with second.backward():
+            v["second_pass"] = h2.grad.save()
+
+    with model.trace(prompt):                                          # an in-place edit of a
+        layers[0].mlp.down_proj.output[:, -1] = 0                      # rowwise output, with grad on
+        h1 = layers[1].output
+        loss = last_token_loss(model.lm_head.output)
+        with loss.backward():
+            v["after_inplace_edit"] = h1.grad.save()
+    return v
+
+
+def _rank_values(rank: int, path: str, world: int) -> dict:
+    model = nd.LanguageModel(path, tp=2)
+    return gradient_values(model, PROMPTS[model.topology.dp_rank])
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def reference(request, tmp_path_factory):
+    path = nd.testing.make_tiny_model(str(tmp_path_factory.mktemp(request.param)), arch=request.param)
+    model = nd.LanguageModel(path)
+    return path, [gradient_values(model, prompt) for prompt in PROMPTS]
+
+
+@pytest.mark.parametrize("world", [2, 4], ids=["tp2", "tp2_dp2"])
+def test_gradients_match_one_process(reference, world):
+    path, expected = reference
+    results = run_ranks(_rank_values, world, path, world, timeout=240, env=ENV)
+    for rank, values in enumerate(results):
+        want = expected[rank // 2]                                     # rank // tp: its replica's prompt
+        assert set(values) == set(want)
+        for name, got in values.items():
+            assert got.shape == want[name].shape, f"rank {rank} {name}"
+            torch.testing.assert_close(got, want[name], rtol=1e-4, atol=1e-6,
+                                       msg=lambda m: f"rank {rank} {name}: {m}")
+        partner = results[rank ^ 1]                                    # the other rank of its tp group
+        for name, got in values.items():
+            assert torch.equal(got, partner[name]), f"{name} differs between the tp ranks of rank {rank}"
+    # The writes did change the upstream gradients (compared with the plain read above).
+    assert not torch.allclose(expected[0]["written_upstream"], expected[0]["upstream_layer_output"])
+
+
+# ---------------------------------------------------------------------------- the codec's gradients
+
+def _codec_gradients(rank: int, placement: str) -> dict:
+    """A fragment made by a toy engine from a replicated leaf ``x``, served whole through the
+    codec, edited by a "body", cut back and continued by the engine (DTensor's own
+    redistribution to a replicated value, as transformers' layers do); the loss uses both the
+    engine's result and the body's whole value."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+    from nnsight_dist.distributed import topology
+    from nnsight_dist.distributed.failure import Failures
+    from nnsight_dist.distributed.placement import LayoutCodec
+
+    topo = topology.init(tp=2)
+    codec = LayoutCodec(placement, topo.group("tp"), 2, topo.tp_rank, Failures(topo), "toy.output", False)
+    mesh = init_device_mesh("cpu", (2,))
+    a, c, x = _codec_data()
+    x = x.clone().requires_grad_()
+    # A column slice of a[0] * x (a shard), or a term of (a[0] + a[1]) * x (partial).
+    local = (a[0] * x).chunk(2, dim=-1)[rank] if placement == "shard(-1)" else a[rank] * x
+    whole = codec.whole(local)
+    seen = []
+    whole.register_hook(seen.append)                                   # the whole value's gradient
+    edited = whole * 2
+    fragment = codec.fragment(edited)
+    layout = Shard(-1) if placement == "shard(-1)" else Partial()
+    engine = DTensor.from_local(fragment, mesh, [layout], run_check=False).redistribute(mesh, [Replicate()])
+    loss = (engine.to_local() * c).sum() + edited.sum() ** 2
+    loss.backward()
+    # x is replicated: each rank holds the part of its gradient that went through its fragment.
+    return {"whole": whole.detach(), "whole_grad": seen[0], "x_grad": x.grad}
+
+
+def _codec_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, 3, 4, generator=g), torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+
+
+@pytest.mark.parametrize("placement", ["shard(-1)", "partial"])
+def test_codec_gradients_are_whole(placement):
+    """Against the same computation on whole tensors in one process."""
+    a, c, x = _codec_data()
+    x.requires_grad_()
+    whole = a[0] * x if placement == "shard(-1)" else (a[0] + a[1]) * x
+    whole.retain_grad()
+    edited = whole * 2
+    ((edited * c).sum() + edited.sum() ** 2).backward()
+    results = run_ranks(_codec_gradients, 2, placement, timeout=120, env=ENV)
+    for values in results:
+        torch.testing.assert_close(values["whole"], whole.detach())
+        torch.testing.assert_close(values["whole_grad"], whole.grad)
+    torch.testing.assert_close(results[0]["x_grad"] + results[1]["x_grad"], x.grad)
+    assert torch.equal(results[0]["whole_grad"], results[1]["whole_grad"])
