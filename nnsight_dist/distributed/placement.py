@@ -306,6 +306,28 @@ class _Cut(torch.autograd.Function):
         return whole, None, None, None
 
 
+class ParameterGradient(Codec):
+    """The gradient of a tensor-parallel parameter (a ``DTensor``), served whole.
+
+    Each rank holds its shard of the gradient; the whole gradient is the same on every rank
+    of the group (``full_tensor``, a collective of the engine's mesh), and a written
+    gradient goes back as this rank's shard, with the parameter's placements (a local
+    split: every rank holds the whole)."""
+
+    def __init__(self) -> None:
+        self.spec: Any = None
+
+    def whole(self, local: Any) -> Any:
+        self.spec = local.device_mesh, local.placements
+        return local.full_tensor()
+
+    def fragment(self, whole: Any) -> Any:
+        from torch.distributed.tensor import distribute_tensor
+
+        mesh, placements = self.spec
+        return distribute_tensor(whole, mesh, placements, src_data_rank=None)
+
+
 def _editable(t: torch.Tensor) -> torch.Tensor:
     """``t``, or a copy of it when autograd forbids editing it in place: a view made inside a
     custom autograd function (a ``DTensor.to_local()`` of the engine, in a trace that keeps

@@ -57,7 +57,7 @@ from ..intervention.interleaver import Interleaver
 from ..intervention.seam import Codec, Seam
 from .exchange import all_gather_json, gather_cache
 from .failure import _LOST, Failures
-from .placement import LOCAL, WHOLE, LayoutCodec, Placement, fragmented
+from .placement import LOCAL, WHOLE, LayoutCodec, ParameterGradient, Placement, fragmented
 from .router import Router, _shape_only
 from .topology import Topology, at_exit
 
@@ -300,6 +300,10 @@ class ReplicaSeam(Seam):
     def placement(self, location: str) -> str:
         codec = self.codecs.get(location)
         return codec.placement if isinstance(codec, LayoutCodec) else WHOLE
+
+    def gradient_codec(self, tensor: Any) -> Optional[Codec]:
+        """A tensor-parallel parameter (a ``DTensor``) has its gradient in shards."""
+        return ParameterGradient() if hasattr(tensor, "full_tensor") else None
 
     def gather_cache(self, cache: Any, placements: dict, dst: int) -> Any:
         return gather_cache(self.topo, self.failures, cache, placements, dst)

@@ -70,12 +70,19 @@ class Origins:
             if part.requires_grad:
                 self._add(part, f"{location}[{i}]", full, group)
 
+    def alias(self, served: torch.Tensor, target: torch.Tensor) -> None:
+        """Remember that ``served`` stands for ``target`` (a whole copy of a parameter the
+        engine holds in fragments): ``served.grad`` is ``target``'s gradient, unnamed."""
+        if served.requires_grad:
+            self.entries[id(served)] = (weakref.ref(served), None, weakref.ref(target), None)
+
     def _add(self, served: torch.Tensor, location: str, whole: torch.Tensor, group: Group) -> None:
         rows = None if served is whole else group
         self.entries[id(served)] = (weakref.ref(served), location, weakref.ref(whole), rows)
 
-    def of(self, tensor: torch.Tensor) -> Optional[tuple[str, torch.Tensor, Group]]:
-        """``(location, full-batch tensor, rows)`` of a served tensor, else ``None``."""
+    def of(self, tensor: torch.Tensor) -> Optional[tuple[Optional[str], torch.Tensor, Group]]:
+        """``(location, full-batch tensor, rows)`` of a served tensor (location ``None`` for
+        an alias), else ``None``."""
         entry = self.entries.get(id(tensor))
         if entry is None or entry[0]() is not tensor:
             return None
@@ -137,6 +144,7 @@ class BackwardPass:
                 handle.remove()
             for location in self.sites:
                 il.sites.pop(location, None)
+                il.seam.codecs.pop(location, None)
             outer.seq = block.seq
             il.main, il.location, il.value = saved
 
@@ -168,6 +176,9 @@ class BackwardPass:
         if location in self.sites:
             # Another tensor of the same location: another visit's, or other rows of it.
             location = f"{location}#{len(self.sites)}"
+        codec = self.interleaver.seam.gradient_codec(target)
+        if codec is not None:  # a gradient the engine holds in fragments: served whole
+            self.interleaver.seam.codecs[location] = codec
         # A tensor autograd does not track is refused here by torch (as in nnsight 0.8.1).
         handle = target.register_hook(self._hook(location, self._site(location), rows))
         self.handles.append(handle)

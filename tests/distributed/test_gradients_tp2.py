@@ -74,7 +74,25 @@ def gradient_values(model, prompt: str) -> dict[str, torch.Tensor]:
         loss = last_token_loss(model.lm_head.output)
         with loss.backward():
             v["after_inplace_edit"] = h1.grad.save()
+
+    module = model._module
+    module.zero_grad(set_to_none=True)
+    with model.trace(prompt):                                          # parameters (shards at tp=2)
+        up_w = layers[1].mlp.up_proj.weight                            # colwise: rows sharded
+        down_w = layers[1].mlp.down_proj.weight                        # rowwise: columns sharded
+        loss = last_token_loss(model.lm_head.output)
+        with loss.backward():
+            v["rowwise_weight"] = down_w.grad.save()
+            down_w.grad = down_w.grad * 2                              # what accumulates
+            v["colwise_weight"] = up_w.grad.save()
+    accumulated = module.model.layers[1].mlp.down_proj.weight.grad
+    v["rowwise_weight_accumulated"] = _full(accumulated)
+    module.zero_grad(set_to_none=True)
     return v
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t.clone()
 
 
 def _rank_values(rank: int, path: str, world: int) -> dict:
@@ -105,6 +123,48 @@ def test_gradients_match_one_process(reference, world):
             assert torch.equal(got, partner[name]), f"{name} differs between the tp ranks of rank {rank}"
     # The writes did change the upstream gradients (compared with the plain read above).
     assert not torch.allclose(expected[0]["written_upstream"], expected[0]["upstream_layer_output"])
+    torch.testing.assert_close(expected[0]["rowwise_weight_accumulated"], expected[0]["rowwise_weight"] * 2)
+
+
+def _grad_mode_seen(rank: int, path: str) -> dict:
+    model = nd.LanguageModel(path, tp=2)
+    seen = []
+    handle = model._module.model.layers[0].register_forward_pre_hook(
+        lambda module, args: seen.append(torch.is_grad_enabled()))
+    with model.trace(PROMPTS[0]):
+        plain = model.model.layers[1].output.save()
+    with model.trace(PROMPTS[0]):
+        kept = model.model.layers[1].output.save()
+        loss = last_token_loss(model.lm_head.output)
+        with loss.backward():
+            pass
+    handle.remove()
+    return {"grad_enabled": seen, "requires_grad": [plain.requires_grad, kept.requires_grad]}
+
+
+def test_only_traces_that_call_backward_keep_a_graph(reference):
+    path, _ = reference
+    for values in run_ranks(_grad_mode_seen, 2, path, timeout=120, env=ENV):
+        assert values == {"grad_enabled": [False, True], "requires_grad": [False, True]}
+
+
+def _rank_dependent_write(rank: int, path: str) -> None:
+    model = nd.LanguageModel(path, tp=2)
+    with model.trace(PROMPTS[0]):
+        h0 = model.model.layers[0].output
+        h1 = model.model.layers[1].output
+        loss = last_token_loss(model.lm_head.output)
+        with loss.backward():
+            h1.grad = h1.grad * (1 + model.topology.tp_rank)          # not allowed: depends on the rank
+            h0.grad.save()
+
+
+def test_check_mode_compares_gradients(reference):
+    """A gradient served whole that differs between the tp ranks is reported by check mode."""
+    path, _ = reference
+    for result in run_ranks(_rank_dependent_write, 2, path, timeout=120, env=ENV, expect_errors=True):
+        assert result[0] == "error" and result[1] == "DivergenceError", result
+        assert "check mode: model.model.layers.0.output.grad was served as the whole value" in result[2]
 
 
 # ---------------------------------------------------------------------------- the codec's gradients
