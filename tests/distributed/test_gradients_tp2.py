@@ -221,3 +221,46 @@ def test_codec_gradients_are_whole(placement):
         torch.testing.assert_close(values["whole_grad"], whole.grad)
     torch.testing.assert_close(results[0]["x_grad"] + results[1]["x_grad"], x.grad)
     assert torch.equal(results[0]["whole_grad"], results[1]["whole_grad"])
+
+
+def _errors_then_a_trace(rank: int, path: str) -> dict:
+    model = nd.LanguageModel(path, tp=2)
+    layers = model.model.layers
+    errors = []
+    for mistake in ("order", "shape", "one rank"):
+        try:
+            with model.trace(PROMPTS[0]):
+                up = layers[0].mlp.up_proj.output
+                h0 = layers[0].output
+                h1 = layers[1].output
+                loss = last_token_loss(model.lm_head.output)
+                with loss.backward():
+                    if mistake == "order":
+                        h0.grad.save()
+                        h1.grad.save()                                 # already passed
+                    elif mistake == "shape":
+                        h1.grad = torch.zeros(3)
+                    else:
+                        h1.grad.save()
+                        if model.topology.tp_rank == 0:                # an error on one rank only,
+                            raise ValueError("only on rank 0")         # with collectives still ahead
+                        up.grad.save()
+        except Exception as error:
+            errors.append(f"{type(error).__name__}: {error}")
+    with model.trace(PROMPTS[0]):
+        h0 = layers[0].output
+        loss = last_token_loss(model.lm_head.output)
+        with loss.backward():
+            after = h0.grad.save()
+    return {"errors": errors, "after": after}
+
+
+def test_errors_in_a_backward_block_cost_one_trace(reference):
+    path, expected = reference
+    results = run_ranks(_errors_then_a_trace, 2, path, timeout=120, env=ENV)
+    for rank, values in enumerate(results):
+        order, shape, one = values["errors"]
+        assert order.startswith("OutOfOrderError: model.model.layers.1.output.grad was requested")
+        assert shape.startswith("WriteShapeError: cannot write model.model.layers.1.output.grad")
+        assert one == ("ValueError: only on rank 0" if rank == 0 else "RemoteError: rank 0 failed: ValueError: only on rank 0")
+        torch.testing.assert_close(values["after"], expected[0]["upstream_layer_output"], rtol=1e-4, atol=1e-6)
