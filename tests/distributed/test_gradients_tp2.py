@@ -264,3 +264,30 @@ def test_errors_in_a_backward_block_cost_one_trace(reference):
         assert shape.startswith("WriteShapeError: cannot write model.model.layers.1.output.grad")
         assert one == ("ValueError: only on rank 0" if rank == 0 else "RemoteError: rank 0 failed: ValueError: only on rank 0")
         torch.testing.assert_close(values["after"], expected[0]["upstream_layer_output"], rtol=1e-4, atol=1e-6)
+
+
+def plain_backward(model) -> dict[str, torch.Tensor]:
+    """``loss.backward()`` as a statement: torch's own backward; ``retain_grad()`` and
+    ``.grad`` after it are plain PyTorch (a replicated parameter's gradient is whole)."""
+    with model.trace(PROMPTS[0]):
+        kept = model.model.layers[2].output
+        kept.retain_grad()
+        loss = last_token_loss(model.lm_head.output)
+        loss.backward()
+        grad = kept.grad.save()
+        norm = model.model.norm.weight.grad.clone().save()
+    model._module.zero_grad(set_to_none=True)
+    return {"retained": grad, "norm_weight": norm}
+
+
+def _plain_backward(rank: int, path: str) -> dict:
+    return plain_backward(nd.LanguageModel(path, tp=2))
+
+
+def test_plain_backward(reference):
+    path, _ = reference
+    model = nd.LanguageModel(path)
+    expected = plain_backward(model)
+    for values in run_ranks(_plain_backward, 2, path, timeout=120, env=ENV):
+        for name, want in expected.items():
+            torch.testing.assert_close(values[name], want, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
