@@ -18,7 +18,12 @@ and a slice (or whole-on-one-rank, zeros elsewhere) makes the fragment again. Bo
 differentiable (:class:`_Gather`, :class:`_Cut`), with *whole gradients* on the whole side:
 in a trace that calls backward, a whole value served to a body stays connected to the
 engine's graph, its gradient is the whole gradient (the same on every rank of the group),
-and the gradient of a fragment is this rank's part of it. ``local``
+and the gradient of a fragment is this rank's part of it. So ``.grad`` hooks go on the
+whole value, as in one process (:class:`~..intervention.backward.Origins` records it), not
+on this rank's fragment: what they see is the whole gradient ``.grad`` must show, a write
+reaches the engine as a fragment through the gather's backward, and the interleaver needs
+no knowledge of fragments. The price is one all-gather per fragmented value served, in
+backward (the cut's). ``local``
 parts, and objects of the engine's *opaque* types (the key/value cache, which holds this
 rank's heads) anywhere in a value, are served as :class:`Refused` stand-ins that raise
 when used, and go back to the engine as they were.

@@ -13,6 +13,9 @@ A gradient location is named after where its tensor came from: a value served fr
 or ``ModelOutput``). :class:`Origins` remembers, during a run, which location (and which
 full-batch tensor, and rows) each served tensor came from; a tensor the body computed
 itself, or a parameter, gets ``<tensor k>.grad``, k counting the pass's unnamed tensors.
+A whole copy of a parameter the engine holds in fragments stands for the parameter
+(:meth:`Origins.alias`); the seam gives such a gradient a codec
+(:meth:`.seam.Seam.gradient_codec`), so it is served whole and written back as a fragment.
 The visit comes from a tensor hook (a real PyTorch hook) registered on the first request:
 on the tensor itself, or for an invoke's rows of a batched value, on the full-batch tensor
 the model continued with; the hook passes the gradient through the interleaver's one
