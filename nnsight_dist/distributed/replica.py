@@ -590,11 +590,13 @@ class ReplicaSeam(Seam):
 
 def _explained(error: BaseException) -> BaseException:
     """``error``, or what it means here: torch's "does not require grad" comes from a
-    ``backward()`` in a distributed trace, which runs under ``torch.no_grad()``."""
+    ``backward()`` in a distributed trace that ran under ``torch.no_grad()``."""
     if isinstance(error, RuntimeError) and "does not require grad" in str(error):
         return NNsightError(
-            "backward() inside a distributed trace: distributed traces run under torch.no_grad(), so "
-            f"nothing has a gradient ({error}). Compute gradients in one process (tp=1, pp=1) for now"
+            "backward() inside a distributed trace that ran under torch.no_grad(), so nothing has a "
+            f"gradient ({error}). A distributed trace keeps its graph only when its body calls "
+            "`.backward(` itself (not in a function it calls), and not yet under pipeline parallelism: "
+            "call it in the body at pp=1, or compute gradients in one process (tp=1, pp=1)"
         )
     return error
 

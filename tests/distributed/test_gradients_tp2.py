@@ -291,3 +291,21 @@ def test_plain_backward(reference):
     for values in run_ranks(_plain_backward, 2, path, timeout=120, env=ENV):
         for name, want in expected.items():
             torch.testing.assert_close(values[name], want, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def _backward_in_a_helper(rank: int, path: str) -> None:
+    model = nd.LanguageModel(path, tp=2)
+
+    def helper(loss):
+        loss.backward()
+
+    with model.trace(PROMPTS[0]):
+        helper(model.lm_head.output.sum())
+
+
+def test_backward_called_outside_the_body_is_explained(reference):
+    """The body's source does not show the call: the trace ran under no_grad."""
+    path, _ = reference
+    for result in run_ranks(_backward_in_a_helper, 2, path, timeout=120, env=ENV, expect_errors=True):
+        assert result[0] == "error" and result[1] in ("NNsightError", "RemoteError"), result
+        assert "`.backward(` itself (not in a function it calls)" in result[2]
