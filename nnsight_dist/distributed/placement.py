@@ -253,16 +253,20 @@ class LayoutCodec(Codec):
     def _cut(self, t: torch.Tensor, dim: Optional[int], partial: bool) -> torch.Tensor:
         return _Cut.apply(t, self, dim, partial)
 
-    def collect(self, t: torch.Tensor, dim: Optional[int], partial: bool, where: str) -> torch.Tensor:
+    def collect(self, t: torch.Tensor, dim: Optional[int], partial: bool, where: str,
+                engine: bool = False) -> torch.Tensor:
         """The whole tensor from every rank's fragment ``t``: a sum (``partial``) or the
-        concatenation along ``dim``; a collective of the tp group, ledgered by ``failures``."""
+        concatenation along ``dim``; a collective of the tp group, ledgered by ``failures``
+        (``engine``: completed on every rank also after a failure, see
+        :meth:`.Failures.all_gather`)."""
         t = t.contiguous()
         if partial:
             out = t.clone()
             self.failures.all_reduce(out, self.group, f"the all-reduce of {where}", "its tensor-parallel group")
             return out
         parts = [torch.empty_like(t) for _ in range(self.tp)]
-        self.failures.all_gather(parts, t, self.group, f"the all-gather of {where}", "its tensor-parallel group")
+        self.failures.all_gather(parts, t, self.group, f"the all-gather of {where}", "its tensor-parallel group",
+                                 engine)
         return torch.cat(parts, dim=dim)
 
     def part(self, t: torch.Tensor, dim: Optional[int], partial: bool) -> torch.Tensor:
@@ -295,9 +299,11 @@ class _Gather(torch.autograd.Function):
 class _Cut(torch.autograd.Function):
     """This rank's fragment of a whole value (what the engine continues with), differentiable:
     the gradient of the whole value is whole. A shard's gradients are gathered from the
-    ranks (an all-gather in backward, the ranks reach it in the same order); a partial
-    term's gradient is already the whole gradient on every rank (the engine's reduction of
-    the terms gives each term the gradient of their sum)."""
+    ranks (an all-gather in backward, the ranks reach it in the same order; part of the
+    backward pass, which every rank runs to its end, also after a failure, so it is
+    completed as the engine's collectives are); a partial term's gradient is already the
+    whole gradient on every rank (the engine's reduction of the terms gives each term the
+    gradient of their sum)."""
 
     @staticmethod
     def forward(ctx: Any, t: torch.Tensor, codec: LayoutCodec, dim: Optional[int], partial: bool) -> torch.Tensor:
@@ -307,30 +313,38 @@ class _Cut(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
         codec = ctx.codec
-        whole = grad if ctx.partial else codec.collect(grad, ctx.dim, False, f"the gradient of {codec.location}")
+        whole = grad if ctx.partial else codec.collect(grad, ctx.dim, False, f"the gradient of {codec.location}",
+                                                       engine=True)
         return whole, None, None, None
 
 
 class ParameterGradient(Codec):
     """The gradient of a tensor-parallel parameter (a ``DTensor``), served whole.
 
-    Each rank holds its shard of the gradient; the whole gradient is the same on every rank
-    of the group (``full_tensor``, a collective of the engine's mesh), and a written
-    gradient goes back as this rank's shard, with the parameter's placements (a local
-    split: every rank holds the whole)."""
+    Each rank holds its shard of the gradient (``Shard(d)`` on one dimension of the
+    engine's mesh, the tensor-parallel one); the whole gradient is the same on every rank
+    of the group (an all-gather through ``layout``, ledgered and guarded like a value's),
+    and a written gradient goes back as this rank's shard, with the same placements."""
 
-    def __init__(self) -> None:
+    def __init__(self, layout: LayoutCodec) -> None:
+        self.layout = layout
         self.spec: Any = None
 
     def whole(self, local: Any) -> Any:
-        self.spec = local.device_mesh, local.placements
-        return local.full_tensor()
+        shards = [p.dim for p in local.placements if p.is_shard()]
+        if len(shards) > 1 or any(p.is_partial() for p in local.placements):
+            raise NNsightError(f"{self.layout.location} has placements {local.placements}: only a gradient "
+                               "sharded along one dimension is shown whole")
+        self.spec = local, (shards[0] if shards else None)
+        if not shards:
+            return local.to_local()
+        return self.layout.collect(local.to_local(), shards[0], False, self.layout.location)
 
     def fragment(self, whole: Any) -> Any:
-        from torch.distributed.tensor import distribute_tensor
-
-        mesh, placements = self.spec
-        return distribute_tensor(whole, mesh, placements, src_data_rank=None)
+        local, dim = self.spec
+        part = whole if dim is None else self.layout.part(whole, dim, False)
+        return type(local).from_local(part, local.device_mesh, local.placements, run_check=False,
+                                      shape=local.shape, stride=local.stride())
 
 
 def _editable(t: torch.Tensor) -> torch.Tensor:

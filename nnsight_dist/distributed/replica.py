@@ -303,7 +303,23 @@ class ReplicaSeam(Seam):
 
     def gradient_codec(self, tensor: Any) -> Optional[Codec]:
         """A tensor-parallel parameter (a ``DTensor``) has its gradient in shards."""
-        return ParameterGradient() if hasattr(tensor, "full_tensor") else None
+        if not hasattr(tensor, "full_tensor"):
+            return None
+        layout = LayoutCodec(WHOLE, self.topo.group("tp"), self.topo.tp, self.topo.tp_rank, self.failures,
+                             "the gradient of a tensor-parallel parameter", False)
+        return ParameterGradient(layout)
+
+    def backward(self, run: Callable[[], None]) -> None:
+        """Run a backward pass once every rank of the replica starts it: the engine's
+        collectives in it would wait for a rank whose run has failed (that rank's body never
+        gets to its backward block). The ranks agree in one small guarded all-gather, where
+        such a failure is raised instead; inside the pass every rank goes on to its end
+        (gradient visits are :meth:`~.Interleaver.guarded`)."""
+        ranks, group = self._scope()
+        if len(ranks) > 1:
+            parts = [torch.zeros(1) for _ in ranks]
+            self.failures.all_gather(parts, torch.zeros(1), group, "the start of a backward pass", "the replica")
+        run()
 
     def gather_cache(self, cache: Any, placements: dict, dst: int) -> Any:
         return gather_cache(self.topo, self.failures, cache, placements, dst)

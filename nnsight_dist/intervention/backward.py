@@ -198,13 +198,15 @@ class BackwardPass:
     def _hook(self, location: str, site: "Site", rows: Group) -> Callable[[torch.Tensor], torch.Tensor]:
         il = self.interleaver
 
+        # ``guarded``: on many ranks an error fails the run and the pass goes on unchanged,
+        # so that every rank runs its backward (and the engine's collectives in it) to the end.
         def visit(grad: torch.Tensor) -> torch.Tensor:
             if rows is None:
-                value = il.handle(location, grad, site)
+                value = il.guarded(location, grad, site)
                 site.n += 1
                 return value
             part = grad.narrow(0, rows[0], rows[1])
-            value = il.handle(location, part, site)
+            value = il.guarded(location, part, site)
             site.n += 1
             # A read (in-place edits included) leaves ``part`` a view of ``grad``.
             return grad if value is part else il.batcher.swap(grad, value, rows, location)
