@@ -13,7 +13,10 @@ engine's placements:
   every location does when the engine names opaque types, such as the key/value cache);
 - every value served at an owned (non-replicated) location is pushed to the other stages
   once, without being asked; the values a whole-value cache observes go together, in one
-  message per other stage, when the trace drains.
+  message per other stage, when the trace drains;
+- a backward pass starts once every rank of the replica starts it
+  (:meth:`ReplicaSeam.backward`), and the gradient of a tensor-parallel parameter is served
+  whole (:meth:`ReplicaSeam.gradient_codec`).
 
 At the end of a trace (:meth:`ReplicaSeam.drain`) the ranks tell each other how many
 messages each sent to each, drain their streams until all have arrived (serving late
