@@ -75,8 +75,9 @@ def gradient_values(model, prompt: str) -> dict[str, torch.Tensor]:
         with second.backward():
             v["second_pass"] = h2.grad.save()
 
-    with model.trace(prompt):                                          # an in-place edit of a
-        layers[0].mlp.down_proj.output[:, -1] = 0                      # rowwise output, with grad on
+    with model.trace(prompt):                                          # in-place edits, with grad on:
+        layers[0].mlp.up_proj.output[..., :3] = 0                      # of a colwise output
+        layers[0].mlp.down_proj.output[:, -1] = 0                      # of a rowwise output (a view)
         h1 = layers[1].output
         loss = last_token_loss(model.lm_head.output)
         with loss.backward():
@@ -141,6 +142,7 @@ def test_gradients_match_one_process(reference, world):
             assert torch.equal(got, partner[name]), f"{name} differs between the tp ranks of rank {rank}"
     # The writes did change the upstream gradients (compared with the plain read above).
     assert not torch.allclose(expected[0]["written_upstream"], expected[0]["upstream_layer_output"])
+    assert not torch.allclose(expected[0]["after_inplace_edit"], expected[0]["layer_output"])  # edits took
     torch.testing.assert_close(expected[0]["rowwise_weight_accumulated"], expected[0]["rowwise_weight"] * 2)
 
 
