@@ -6,8 +6,11 @@ forked gloo ranks with transformers' own tensor-parallel engine; every named gra
 match within 1e-4 and be bit-identical across the ranks of a tensor-parallel group. The
 locations cover each placement: a whole value (a decoder layer's output), a column-parallel
 output (``up_proj``, ``shard(-1)``), a row-parallel input (``down_proj``) and the
-attention's output; a ``.grad`` write must change the gradients upstream of it exactly as
-in one process. Check mode is on (tests/distributed/conftest.py).
+attention's output, parameters (``DTensor`` shards); a ``.grad`` write must change the
+gradients upstream of it exactly as in one process. Also: only traces that call backward
+keep a graph; check mode (on here, tests/distributed/conftest.py) reports a gradient that
+differs between the ranks; errors in or before a backward block cost one trace; the
+codec's autograd functions against the same computation on whole tensors.
 """
 
 from __future__ import annotations
@@ -115,7 +118,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t.clone()
 
 
-def _rank_values(rank: int, path: str, world: int) -> dict:
+def _rank_values(rank: int, path: str) -> dict:
     model = nd.LanguageModel(path, tp=2)
     return gradient_values(model, PROMPTS[model.topology.dp_rank])
 
@@ -130,7 +133,7 @@ def reference(request, tmp_path_factory):
 @pytest.mark.parametrize("world", [2, 4], ids=["tp2", "tp2_dp2"])
 def test_gradients_match_one_process(reference, world):
     path, expected = reference
-    results = run_ranks(_rank_values, world, path, world, timeout=240, env=ENV)
+    results = run_ranks(_rank_values, world, path, timeout=240, env=ENV)
     for rank, values in enumerate(results):
         want = expected[rank // 2]                                     # rank // tp: its replica's prompt
         assert set(values) == set(want)
