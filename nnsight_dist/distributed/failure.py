@@ -184,9 +184,9 @@ class Failures:
                 time.sleep(pause)
             pause = min(0.002, pause * 2 or 0.00005)
 
-    def wait_work(self, work: Any, what: str, source: Any) -> None:
+    def wait_work(self, work: Any, what: str, source: Any, engine: bool = False) -> None:
         """Wait for a ``torch.distributed`` async work handle (see :meth:`wait`)."""
-        self.wait(lambda: lost_contact(work.is_completed, source), what, source)
+        self.wait(lambda: lost_contact(work.is_completed, source), what, source, engine=engine)
         lost_contact(work.wait, source)
 
     # ------------------------------------------------------------------ collectives
@@ -195,10 +195,13 @@ class Failures:
         name = self._names.get(id(group), "?")
         self.ledger.setdefault(name, []).append([kind, str(t.dtype), list(t.shape)])
 
-    def all_gather(self, parts: list, t: torch.Tensor, group: Any, what: str, source: Any) -> None:
-        """``dist.all_gather(parts, t)`` over ``group``, recorded and guarded (see :meth:`wait`)."""
+    def all_gather(self, parts: list, t: torch.Tensor, group: Any, what: str, source: Any,
+                   engine: bool = False) -> None:
+        """``dist.all_gather(parts, t)`` over ``group``, recorded and guarded (see :meth:`wait`;
+        ``engine``: one that every rank issues also after a failure, such as a backward
+        pass's, which runs to its end)."""
         self._record(group, "all_gather", t)
-        self.wait_work(dist.all_gather(parts, t, group=group, async_op=True), what, source)
+        self.wait_work(dist.all_gather(parts, t, group=group, async_op=True), what, source, engine)
 
     def all_reduce(self, t: torch.Tensor, group: Any, what: str, source: Any) -> None:
         """``dist.all_reduce(t)`` (a sum, in place) over ``group``, recorded and guarded."""

@@ -14,7 +14,16 @@ output. A placement is a string:
   its first argument; a per-element one names arguments by position and keywords by name.
 
 Fragmented placements get a codec: an all-gather (or all-reduce) makes the whole value,
-and a slice (or whole-on-one-rank, zeros elsewhere) makes the fragment again. ``local``
+and a slice (or whole-on-one-rank, zeros elsewhere) makes the fragment again. Both are
+differentiable (:class:`_Gather`, :class:`_Cut`), with *whole gradients* on the whole side:
+in a trace that calls backward, a whole value served to a body stays connected to the
+engine's graph, its gradient is the whole gradient (the same on every rank of the group),
+and the gradient of a fragment is this rank's part of it. So ``.grad`` hooks go on the
+whole value, as in one process (:class:`~..intervention.backward.Origins` records it), not
+on this rank's fragment: what they see is the whole gradient ``.grad`` must show, a write
+reaches the engine as a fragment through the gather's backward, and the interleaver needs
+no knowledge of fragments. The price is one all-gather per fragmented value served, in
+backward (the cut's). ``local``
 parts, and objects of the engine's *opaque* types (the key/value cache, which holds this
 rank's heads) anywhere in a value, are served as :class:`Refused` stand-ins that raise
 when used, and go back to the engine as they were.
@@ -29,7 +38,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from ..intervention.batcher import rebuild
+from ..intervention.batcher import map_tensors, rebuild
 from ..intervention.errors import NNsightError
 from ..intervention.seam import Codec
 from .failure import Failures
@@ -208,8 +217,10 @@ class LayoutCodec(Codec):
                 value = rebuild(value, lambda k, v: one(parts.get(k, default), f"{self.location}[{k!r}]")(v))
             else:
                 value = one(parts.get(0, WHOLE), self.location)(value)
-        if gather and self.opaque:
-            value = self._hide_opaque(value, self.name)
+        if gather:
+            value = map_tensors(value, _editable)
+            if self.opaque:
+                value = self._hide_opaque(value, self.name)
         return value
 
     def _hide_opaque(self, value: Any, where: str) -> Any:
@@ -237,21 +248,113 @@ class LayoutCodec(Codec):
         if _shape_only(t):
             # A scan: the whole value's shape, without communication.
             return t if partial else torch.cat([t] * self.tp, dim=dim)
+        return _Gather.apply(t, self, dim, partial, where)
+
+    def _cut(self, t: torch.Tensor, dim: Optional[int], partial: bool) -> torch.Tensor:
+        return _Cut.apply(t, self, dim, partial)
+
+    def collect(self, t: torch.Tensor, dim: Optional[int], partial: bool, where: str,
+                engine: bool = False) -> torch.Tensor:
+        """The whole tensor from every rank's fragment ``t``: a sum (``partial``) or the
+        concatenation along ``dim``; a collective of the tp group, ledgered by ``failures``
+        (``engine``: completed on every rank also after a failure, see
+        :meth:`.Failures.all_gather`)."""
         t = t.contiguous()
         if partial:
             out = t.clone()
             self.failures.all_reduce(out, self.group, f"the all-reduce of {where}", "its tensor-parallel group")
             return out
         parts = [torch.empty_like(t) for _ in range(self.tp)]
-        self.failures.all_gather(parts, t, self.group, f"the all-gather of {where}", "its tensor-parallel group")
+        self.failures.all_gather(parts, t, self.group, f"the all-gather of {where}", "its tensor-parallel group",
+                                 engine)
         return torch.cat(parts, dim=dim)
 
-    def _cut(self, t: torch.Tensor, dim: Optional[int], partial: bool) -> torch.Tensor:
+    def part(self, t: torch.Tensor, dim: Optional[int], partial: bool) -> torch.Tensor:
+        """This rank's fragment of the whole tensor ``t`` (a new tensor, never a view of ``t``)."""
         if partial:
-            return t if self.tp_rank == 0 else torch.zeros_like(t)
+            return t.clone() if self.tp_rank == 0 else torch.zeros_like(t)
         size = t.shape[dim] // self.tp
         # Contiguous: engines reshape their fragments with .view().
-        return t.narrow(dim, self.tp_rank * size, size).contiguous()
+        return t.narrow(dim, self.tp_rank * size, size).clone(memory_format=torch.contiguous_format)
+
+
+class _Gather(torch.autograd.Function):
+    """Whole value from fragments, differentiable; the gradient of a fragment from the whole
+    gradient, which every rank of the group holds (the ranks compute the same whole-value
+    side, SPMD): a shard's gradient is its slice of it, a partial term's is all of it (the
+    whole is the sum of the terms). No collective in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, codec: LayoutCodec, dim: Optional[int], partial: bool,
+                where: str) -> torch.Tensor:
+        ctx.codec, ctx.dim, ctx.partial = codec, dim, partial
+        return codec.collect(t, dim, partial, where)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        whole = grad if ctx.partial else ctx.codec.part(grad, ctx.dim, False)
+        return whole, None, None, None, None
+
+
+class _Cut(torch.autograd.Function):
+    """This rank's fragment of a whole value (what the engine continues with), differentiable:
+    the gradient of the whole value is whole. A shard's gradients are gathered from the
+    ranks (an all-gather in backward, the ranks reach it in the same order; part of the
+    backward pass, which every rank runs to its end, also after a failure, so it is
+    completed as the engine's collectives are); a partial term's gradient is already the
+    whole gradient on every rank (the engine's reduction of the terms gives each term the
+    gradient of their sum)."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, codec: LayoutCodec, dim: Optional[int], partial: bool) -> torch.Tensor:
+        ctx.codec, ctx.dim, ctx.partial = codec, dim, partial
+        return codec.part(t, dim, partial)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        codec = ctx.codec
+        whole = grad if ctx.partial else codec.collect(grad, ctx.dim, False, f"the gradient of {codec.location}",
+                                                       engine=True)
+        return whole, None, None, None
+
+
+class ParameterGradient(Codec):
+    """The gradient of a tensor-parallel parameter (a ``DTensor``), served whole.
+
+    Each rank holds its shard of the gradient (``Shard(d)`` on one dimension of the
+    engine's mesh, the tensor-parallel one); the whole gradient is the same on every rank
+    of the group (an all-gather through ``layout``, ledgered and guarded like a value's),
+    and a written gradient goes back as this rank's shard, with the same placements."""
+
+    def __init__(self, layout: LayoutCodec) -> None:
+        self.layout = layout
+        self.spec: Any = None
+
+    def whole(self, local: Any) -> Any:
+        shards = [p.dim for p in local.placements if p.is_shard()]
+        if len(shards) > 1 or any(p.is_partial() for p in local.placements):
+            raise NNsightError(f"{self.layout.location} has placements {local.placements}: only a gradient "
+                               "sharded along one dimension is shown whole")
+        self.spec = local, (shards[0] if shards else None)
+        if not shards:
+            return local.to_local()
+        return self.layout.collect(local.to_local(), shards[0], False, self.layout.location)
+
+    def fragment(self, whole: Any) -> Any:
+        local, dim = self.spec
+        part = whole if dim is None else self.layout.part(whole, dim, False)
+        return type(local).from_local(part, local.device_mesh, local.placements, run_check=False,
+                                      shape=local.shape, stride=local.stride())
+
+
+def _editable(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy of it when autograd forbids editing it in place: a view made inside a
+    custom autograd function (a ``DTensor.to_local()`` of the engine, in a trace that keeps
+    its graph). The copy is what the model then continues with, so edits of the served
+    value reach the model as they do in one process."""
+    if t.requires_grad and t._is_view() and isinstance(t.grad_fn, torch.autograd.function.BackwardCFunction):
+        return t.clone()
+    return t
 
 
 def _first_argument(value: tuple[tuple, dict], fn: Callable[[Any], Any]) -> tuple[tuple, dict]:

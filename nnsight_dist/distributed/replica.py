@@ -13,7 +13,10 @@ engine's placements:
   every location does when the engine names opaque types, such as the key/value cache);
 - every value served at an owned (non-replicated) location is pushed to the other stages
   once, without being asked; the values a whole-value cache observes go together, in one
-  message per other stage, when the trace drains.
+  message per other stage, when the trace drains;
+- a backward pass starts once every rank of the replica starts it
+  (:meth:`ReplicaSeam.backward`), and the gradient of a tensor-parallel parameter is served
+  whole (:meth:`ReplicaSeam.gradient_codec`).
 
 At the end of a trace (:meth:`ReplicaSeam.drain`) the ranks tell each other how many
 messages each sent to each, drain their streams until all have arrived (serving late
@@ -57,7 +60,7 @@ from ..intervention.interleaver import Interleaver
 from ..intervention.seam import Codec, Seam
 from .exchange import all_gather_json, gather_cache
 from .failure import _LOST, Failures
-from .placement import LOCAL, WHOLE, LayoutCodec, Placement, fragmented
+from .placement import LOCAL, WHOLE, LayoutCodec, ParameterGradient, Placement, fragmented
 from .router import Router, _shape_only
 from .topology import Topology, at_exit
 
@@ -300,6 +303,26 @@ class ReplicaSeam(Seam):
     def placement(self, location: str) -> str:
         codec = self.codecs.get(location)
         return codec.placement if isinstance(codec, LayoutCodec) else WHOLE
+
+    def gradient_codec(self, tensor: Any) -> Optional[Codec]:
+        """A tensor-parallel parameter (a ``DTensor``) has its gradient in shards."""
+        if not hasattr(tensor, "full_tensor"):
+            return None
+        layout = LayoutCodec(WHOLE, self.topo.group("tp"), self.topo.tp, self.topo.tp_rank, self.failures,
+                             "the gradient of a tensor-parallel parameter", False)
+        return ParameterGradient(layout)
+
+    def backward(self, run: Callable[[], None]) -> None:
+        """Run a backward pass once every rank of the replica starts it: the engine's
+        collectives in it would wait for a rank whose run has failed (that rank's body never
+        gets to its backward block). The ranks agree in one small guarded all-gather, where
+        such a failure is raised instead; inside the pass every rank goes on to its end
+        (gradient visits are :meth:`~.Interleaver.guarded`)."""
+        ranks, group = self._scope()
+        if len(ranks) > 1:
+            parts = [torch.zeros(1) for _ in ranks]
+            self.failures.all_gather(parts, torch.zeros(1), group, "the start of a backward pass", "the replica")
+        run()
 
     def gather_cache(self, cache: Any, placements: dict, dst: int) -> Any:
         return gather_cache(self.topo, self.failures, cache, placements, dst)
@@ -586,11 +609,13 @@ class ReplicaSeam(Seam):
 
 def _explained(error: BaseException) -> BaseException:
     """``error``, or what it means here: torch's "does not require grad" comes from a
-    ``backward()`` in a distributed trace, which runs under ``torch.no_grad()``."""
+    ``backward()`` in a distributed trace that ran under ``torch.no_grad()``."""
     if isinstance(error, RuntimeError) and "does not require grad" in str(error):
         return NNsightError(
-            "backward() inside a distributed trace: distributed traces run under torch.no_grad(), so "
-            f"nothing has a gradient ({error}). Compute gradients in one process (tp=1, pp=1) for now"
+            "backward() inside a distributed trace that ran under torch.no_grad(), so nothing has a "
+            f"gradient ({error}). A distributed trace keeps its graph only when its body calls "
+            "`.backward(` itself (not in a function it calls), and not yet under pipeline parallelism: "
+            "call it in the body at pp=1, or compute gradients in one process (tp=1, pp=1)"
         )
     return error
 

@@ -13,6 +13,9 @@ A gradient location is named after where its tensor came from: a value served fr
 or ``ModelOutput``). :class:`Origins` remembers, during a run, which location (and which
 full-batch tensor, and rows) each served tensor came from; a tensor the body computed
 itself, or a parameter, gets ``<tensor k>.grad``, k counting the pass's unnamed tensors.
+A whole copy of a parameter the engine holds in fragments stands for the parameter
+(:meth:`Origins.alias`); the seam gives such a gradient a codec
+(:meth:`.seam.Seam.gradient_codec`), so it is served whole and written back as a fragment.
 The visit comes from a tensor hook (a real PyTorch hook) registered on the first request:
 on the tensor itself, or for an invoke's rows of a batched value, on the full-batch tensor
 the model continued with; the hook passes the gradient through the interleaver's one
@@ -70,12 +73,19 @@ class Origins:
             if part.requires_grad:
                 self._add(part, f"{location}[{i}]", full, group)
 
+    def alias(self, served: torch.Tensor, target: torch.Tensor) -> None:
+        """Remember that ``served`` stands for ``target`` (a whole copy of a parameter the
+        engine holds in fragments): ``served.grad`` is ``target``'s gradient, unnamed."""
+        if served.requires_grad:
+            self.entries[id(served)] = (weakref.ref(served), None, weakref.ref(target), None)
+
     def _add(self, served: torch.Tensor, location: str, whole: torch.Tensor, group: Group) -> None:
         rows = None if served is whole else group
         self.entries[id(served)] = (weakref.ref(served), location, weakref.ref(whole), rows)
 
-    def of(self, tensor: torch.Tensor) -> Optional[tuple[str, torch.Tensor, Group]]:
-        """``(location, full-batch tensor, rows)`` of a served tensor, else ``None``."""
+    def of(self, tensor: torch.Tensor) -> Optional[tuple[Optional[str], torch.Tensor, Group]]:
+        """``(location, full-batch tensor, rows)`` of a served tensor (location ``None`` for
+        an alias), else ``None``."""
         entry = self.entries.get(id(tensor))
         if entry is None or entry[0]() is not tensor:
             return None
@@ -137,6 +147,7 @@ class BackwardPass:
                 handle.remove()
             for location in self.sites:
                 il.sites.pop(location, None)
+                il.seam.codecs.pop(location, None)
             outer.seq = block.seq
             il.main, il.location, il.value = saved
 
@@ -168,6 +179,9 @@ class BackwardPass:
         if location in self.sites:
             # Another tensor of the same location: another visit's, or other rows of it.
             location = f"{location}#{len(self.sites)}"
+        codec = self.interleaver.seam.gradient_codec(target)
+        if codec is not None:  # a gradient the engine holds in fragments: served whole
+            self.interleaver.seam.codecs[location] = codec
         # A tensor autograd does not track is refused here by torch (as in nnsight 0.8.1).
         handle = target.register_hook(self._hook(location, self._site(location), rows))
         self.handles.append(handle)
@@ -184,13 +198,15 @@ class BackwardPass:
     def _hook(self, location: str, site: "Site", rows: Group) -> Callable[[torch.Tensor], torch.Tensor]:
         il = self.interleaver
 
+        # ``guarded``: on many ranks an error fails the run and the pass goes on unchanged,
+        # so that every rank runs its backward (and the engine's collectives in it) to the end.
         def visit(grad: torch.Tensor) -> torch.Tensor:
             if rows is None:
-                value = il.handle(location, grad, site)
+                value = il.guarded(location, grad, site)
                 site.n += 1
                 return value
             part = grad.narrow(0, rows[0], rows[1])
-            value = il.handle(location, part, site)
+            value = il.guarded(location, part, site)
             site.n += 1
             # A read (in-place edits included) leaves ``part`` a view of ``grad``.
             return grad if value is part else il.batcher.swap(grad, value, rows, location)

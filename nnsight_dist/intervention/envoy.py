@@ -28,9 +28,16 @@ Rename = dict[str, Union[str, list[str]]]
 EnvoyClasses = Union[type, dict]
 
 
-def _whole(value: Any) -> Any:
-    """A tensor-parallel parameter whole (``DTensor.full_tensor``, a collective), else as is."""
-    return value.full_tensor() if hasattr(value, "full_tensor") else value
+def _whole(value: Any, interleaver: Interleaver) -> Any:
+    """A tensor-parallel parameter whole (``DTensor.full_tensor``, a collective), else as is.
+
+    The whole copy stands for the parameter in a backward block: its ``.grad`` is the
+    parameter's gradient (see :meth:`.backward.Origins.alias`)."""
+    if not hasattr(value, "full_tensor"):
+        return value
+    whole = value.full_tensor()
+    interleaver.origins.alias(whole, value)
+    return whole
 
 
 class Interventions:
@@ -190,7 +197,7 @@ class Envoy(Interventions):
         if module is None or name.startswith("__"):
             raise AttributeError(name)
         try:
-            return self.interleaver.seam.attribute(self.path, name, lambda: _whole(getattr(module, name)))
+            return self.interleaver.seam.attribute(self.path, name, lambda: _whole(getattr(module, name), self.interleaver))
         except AttributeError:
             pass
         near = difflib.get_close_matches(name, [*named, *aliases], n=3)

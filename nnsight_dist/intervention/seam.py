@@ -102,6 +102,11 @@ class Seam:
         """A sharded cache assembled whole on rank ``dst`` of the replica (here: itself)."""
         return cache
 
+    def gradient_codec(self, tensor: Any) -> Optional[Codec]:
+        """The codec of ``tensor``'s gradient in a backward block when the engine holds that
+        gradient in fragments (a tensor-parallel parameter's), else ``None``: whole here."""
+        return None
+
     def backward(self, run: Callable[[], None]) -> None:
         """The backward pass of a ``with t.backward():`` block: ``run()`` runs autograd from
         ``t`` on this rank, its gradient visits handled as they come (see :mod:`.backward`).

@@ -22,6 +22,7 @@ always true), ``tokenizer_kwargs`` (attributes set on the tokenizer), ``envoys``
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Optional, Union
 
 import torch
@@ -240,9 +241,9 @@ class TransformersModel(NNsight):
             # As generate does: padded rows count positions from their first real token.
             kwargs["position_ids"] = (kwargs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         if self._placements is not None:
-            # Sharded runs are inference: the engines' local fast paths, no autograd views
-            # forbidding in-place edits of their outputs.
-            with torch.no_grad():
+            # Sharded runs keep activations only for a trace that calls backward; the others
+            # run the engines' local inference fast paths, without a graph.
+            with torch.no_grad() if not self.interleaver.calls_backward else contextlib.nullcontext():
                 return self._module(*args, **kwargs)
         return self._module(*args, **kwargs)
 

@@ -253,9 +253,10 @@ def _mistake_results(path: str, topology: str, mistake: str) -> list:
     return results
 
 
-@pytest.mark.parametrize("topology", ["tp2", "pp2"])
+@pytest.mark.parametrize("topology", ["pp2"])
 def test_backward_in_a_distributed_trace(path, topology):
-    """Was torch's raw "element 0 of tensors does not require grad"."""
+    """Was torch's raw "element 0 of tensors does not require grad". (At tp=2 a backward
+    works: tests/distributed/test_gradients_tp2.py.)"""
     results = _mistake_results(path, topology, "backward")
     for r in results:
         assert r["error"][0] == "error" and r["error"][1] in ("NNsightError", "RemoteError"), r["error"]
