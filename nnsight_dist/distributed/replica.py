@@ -57,6 +57,7 @@ from ..intervention.interleaver import Interleaver
 from ..intervention.seam import Codec, Seam
 from .exchange import all_gather_json, gather_cache
 from .failure import _LOST, Failures
+from .gradients import PipelineBackward
 from .placement import LOCAL, WHOLE, LayoutCodec, Placement, fragmented
 from .router import Router, _shape_only
 from .topology import Topology, at_exit
@@ -136,6 +137,7 @@ class ReplicaSeam(Seam):
         #: Ad-hoc calls being waited for in :meth:`wait_remote` (nested waits are possible).
         self._calls: dict[tuple[int, int], str] = {}
         self.checking = _check_mode()
+        self.gradients = PipelineBackward(self)
 
     def _codec(self, placement: str, location: str, on_input: bool, module: str) -> Optional[Codec]:
         """The codec of a location of this stage (``None``: its value is whole as it is)."""
@@ -213,7 +215,7 @@ class ReplicaSeam(Seam):
             found = self.interleaver.synchronous(lambda: router.wait(key, f"attribute {name} of {path}", source))
             if found is None:
                 raise AttributeError(name)
-            return found["value"]
+            return self.gradients.parameter(path, name, stage, found["value"])
         try:
             value = local()
         except AttributeError:
@@ -223,7 +225,16 @@ class ReplicaSeam(Seam):
         if isinstance(value, torch.Tensor):
             self.attribute_reads += 1
             router.broadcast(("p", path, name, self.attribute_reads), {"value": value})
-        return value
+        return self.gradients.parameter(path, name, stage, value)
+
+    def gradient(self, location: str, of: Optional[str]) -> bool:
+        """The gradient of a value is computed by the stage whose tensor is in the real
+        graph, and served to the others (see :mod:`.gradients`)."""
+        return self.gradients.owner(location, of)
+
+    def backward(self, run: Callable[..., None]) -> None:
+        """A backward pass, stage by stage in reverse (see :mod:`.gradients`)."""
+        self.gradients.run(run)
 
     def defer(self, observer: Any, visit: int, location: str, value: Any) -> bool:
         """Fragments a whole-value cache observes are gathered together when the run ends
@@ -416,6 +427,7 @@ class ReplicaSeam(Seam):
         self.checking = _check_mode()
         self.router.on_message = self._arrived
         self.router.next_trace()
+        self.gradients.begin(self.interleaver.calls_backward)
         self.log = []
         self._expected: Optional[dict[int, int]] = None
         self._observed: list = []
@@ -586,11 +598,13 @@ class ReplicaSeam(Seam):
 
 def _explained(error: BaseException) -> BaseException:
     """``error``, or what it means here: torch's "does not require grad" comes from a
-    ``backward()`` in a distributed trace, which runs under ``torch.no_grad()``."""
+    ``backward()`` in a distributed trace whose body does not show it, which runs under
+    ``torch.no_grad()``."""
     if isinstance(error, RuntimeError) and "does not require grad" in str(error):
         return NNsightError(
-            "backward() inside a distributed trace: distributed traces run under torch.no_grad(), so "
-            f"nothing has a gradient ({error}). Compute gradients in one process (tp=1, pp=1) for now"
+            "backward() inside a distributed trace whose body does not call `.backward(` itself: such "
+            f"traces run under torch.no_grad(), so nothing has a gradient ({error}). Call backward in "
+            "the trace body (`with loss.backward():`), not in a function defined elsewhere"
         )
     return error
 

@@ -239,9 +239,9 @@ class TransformersModel(NNsight):
         if "position_ids" not in kwargs and "attention_mask" in kwargs:
             # As generate does: padded rows count positions from their first real token.
             kwargs["position_ids"] = (kwargs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-        if self._placements is not None:
-            # Sharded runs are inference: the engines' local fast paths, no autograd views
-            # forbidding in-place edits of their outputs.
+        if self._placements is not None and not self.interleaver.calls_backward:
+            # Sharded runs are inference unless the body calls backward: the engines' local
+            # fast paths, no autograd views forbidding in-place edits of their outputs.
             with torch.no_grad():
                 return self._module(*args, **kwargs)
         return self._module(*args, **kwargs)

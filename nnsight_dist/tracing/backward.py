@@ -18,7 +18,7 @@ import functools
 import inspect
 import sys
 from types import FrameType
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 from greenlet import getcurrent
@@ -79,14 +79,25 @@ class BackwardBlock(_Block):
                 "distributed traces do), or the tensor was made without requires_grad=True."
             )
 
+    def _run(self, roots: Optional[list] = None, grads: Optional[list] = None) -> None:
+        """The block's backward: torch's, from the tensor; or, with ``roots``, from ``roots``
+        with gradients ``grads`` and the block's options (see :meth:`..intervention.seam.Seam.backward`)."""
+        if roots is None:
+            _TORCH_BACKWARD(self.tensor, *self.args, **self.kwargs)
+            return
+        bound = inspect.signature(_TORCH_BACKWARD).bind(self.tensor, *self.args, **self.kwargs)
+        bound.apply_defaults()
+        options = bound.arguments
+        torch.autograd.backward(roots, grads, retain_graph=options["retain_graph"],
+                                create_graph=options["create_graph"])
+
     def _captured(self, frame: FrameType) -> None:
         il = self.interleaver
         outer = il.current
         sc = scope(frame)
         block = Mediator(self._body.bind(sc), None, f"backward block of {outer.name}")
-        tensor, args, kwargs = self.tensor, self.args, self.kwargs
         try:
-            BackwardPass(il, block, outer, lambda: _TORCH_BACKWARD(tensor, *args, **kwargs)).run()
+            BackwardPass(il, block, outer, self._run).run()
         finally:
             # Into the enclosing body, saved or not; the trace keeps the saved ones at its end.
             push_names(frame, sc.writes())
