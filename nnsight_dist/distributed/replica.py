@@ -232,6 +232,16 @@ class ReplicaSeam(Seam):
         graph, and served to the others (see :mod:`.gradients`)."""
         return self.gradients.owner(location, of)
 
+    def check_plain_backward(self) -> None:
+        """Under pp torch's own backward stops at this stage's boundary, and ``.grad`` of a
+        value another stage owns would read a copy's: refused (the same way on every rank)."""
+        if self.topo.pp > 1:
+            raise NNsightError(
+                "loss.backward() as a statement runs autograd on this pipeline stage only: the gradient "
+                "would not reach the other stages, and `.grad` of their values would read a copy's. "
+                "Use a backward block: `with loss.backward(): g = h.grad.save()`"
+            )
+
     def backward(self, run: Callable[..., None]) -> None:
         """A backward pass, stage by stage in reverse (see :mod:`.gradients`)."""
         self.gradients.run(run)

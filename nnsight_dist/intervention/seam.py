@@ -109,6 +109,11 @@ class Seam:
         hooks nothing here and asks for it like a remote value. In one process: False."""
         return False
 
+    def check_plain_backward(self) -> None:
+        """Raise if torch's own backward, called as a statement in a body
+        (``loss.backward()``), cannot give single-device gradients on this rank (in one
+        process it can)."""
+
     def backward(self, run: Callable[..., None]) -> None:
         """The backward pass of a ``with t.backward():`` block: ``run()`` runs autograd from
         ``t`` on this rank, its gradient visits handled as they come (see :mod:`.backward`);

@@ -56,8 +56,10 @@ def _backward(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
     statement of a running body, else torch's backward."""
     il = _RUNNING[-1] if _RUNNING else None
     med = il.current if il is not None else None
-    if med is not None and getcurrent() is med.greenlet and opens_with(sys._getframe(1), "backward"):
-        return BackwardBlock(il, tensor, args, kwargs)
+    if med is not None and getcurrent() is med.greenlet:
+        if opens_with(sys._getframe(1), "backward"):
+            return BackwardBlock(il, tensor, args, kwargs)
+        il.seam.check_plain_backward()
     return _TORCH_BACKWARD(tensor, *args, **kwargs)
 
 

@@ -99,6 +99,18 @@ def grad_values(model) -> dict[str, torch.Tensor]:
             g1 = h1.grad.save()
     v["body_paths_stage0"] = g1
 
+    with model.trace(PROMPTS[0]) as tracer:                             # no owner; computed in the body
+        h0 = layers[0].output
+        h3 = layers[3].output
+        doubled = h3 * 2
+        loss = model.output.logits[0, -2].logsumexp(-1) + tracer.result.logits[0, -1].logsumexp(-1) \
+            + doubled.norm()
+        with loss.backward():
+            g_loss = loss.grad.save()
+            g_doubled = doubled.grad.save()
+            g0 = h0.grad.save()
+    v.update(unowned_loss=g_loss, unowned_body_tensor=g_doubled, unowned_stage0=g0)
+
     with model.trace(PROMPTS[0]):                                       # parameters of both stages
         w0 = layers[1].mlp.down_proj.weight
         w1 = layers[3].mlp.down_proj.weight
@@ -180,3 +192,90 @@ def test_error_in_a_backward_block_on_one_rank(reference, fails_on):
             assert (outcome["error"], outcome["origin"]) == ("RemoteError", fails_on), outcome
             assert f"boom on rank {fails_on} only" in outcome["message"]
     _compare([values for _, values in results], expected, f"after a failure on rank {fails_on}")
+
+
+def stop_on_stage1(model):
+    with model.trace(PROMPTS[0]) as tracer:
+        h3 = model.model.layers[3].output
+        loss = model.lm_head.output.sum()
+        with loss.backward():
+            g3 = h3.grad.save()
+            tracer.stop()
+    return g3
+
+
+def stop_on_stage0(model):
+    with model.trace(PROMPTS[0]) as tracer:
+        h0 = model.model.layers[0].output
+        loss = model.lm_head.output.sum()
+        with loss.backward():
+            g0 = h0.grad.save()
+            tracer.stop()
+    return g0
+
+
+def earlier_first(model):
+    with model.trace(PROMPTS[0]):
+        h0 = model.model.layers[0].output
+        h3 = model.model.layers[3].output
+        loss = model.lm_head.output.sum()
+        with loss.backward():
+            h0.grad.save()
+            h3.grad.save()  # stage 1's, passed before stage 0's backward began
+
+
+def plain_backward(model):
+    with model.trace(PROMPTS[0]):
+        loss = model.lm_head.output.sum()
+        loss.backward()
+
+
+SCENARIOS = [stop_on_stage1, stop_on_stage0, earlier_first, plain_backward]
+
+
+def _outcomes(model) -> list:
+    """Each scenario's value or error type, then a correct trace's gradient."""
+    found = []
+    for scenario in SCENARIOS:
+        try:
+            found.append(scenario(model).detach().clone())
+        except Exception as error:
+            found.append(type(error).__name__ if not isinstance(error, nd.RemoteError) else "RemoteError")
+        model._module.zero_grad(set_to_none=True)
+        found.append(grad_values_short(model))
+    return found
+
+
+def grad_values_short(model) -> torch.Tensor:
+    with model.trace(PROMPTS[0]):
+        h0 = model.model.layers[0].output
+        loss = model.lm_head.output[0, -1].logsumexp(-1)
+        with loss.backward():
+            g0 = h0.grad.save()
+    return g0.detach().clone()
+
+
+def _rank_outcomes(rank: int, path: str) -> list:
+    return _outcomes(nd.LanguageModel(path, pp=2))
+
+
+def test_stops_and_errors_in_blocks(reference):
+    """``stop()`` inside a block on either stage ends the trace on every rank with what it
+    had; an out-of-order gradient raises ``OutOfOrderError`` (on some rank; the others a
+    ``RemoteError``); ``loss.backward()`` as a statement is refused under pp (it would stop at
+    the stage's boundary). Each is followed by a correct trace."""
+    path, _ = reference
+    expected = _outcomes(nd.LanguageModel(path))
+    results = run_ranks(_rank_outcomes, 2, path, timeout=240, env={"NNSIGHT_DIST_TIMEOUT": "60"})
+    for rank, found in enumerate(results):
+        for i, (got, want) in enumerate(zip(found, expected)):
+            where = f"rank {rank}, item {i}"
+            if isinstance(want, torch.Tensor):
+                assert isinstance(got, torch.Tensor), f"{where}: {got}"
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+                assert torch.equal(got, results[0][i]), where
+            elif i == 2 * SCENARIOS.index(earlier_first):
+                assert got in ("OutOfOrderError", "RemoteError") and want == "OutOfOrderError", (where, got)
+            else:
+                assert want is not None and got == "NNsightError", (where, got)  # plain_backward
+    assert "OutOfOrderError" in [found[2 * SCENARIOS.index(earlier_first)] for found in results]
