@@ -20,8 +20,9 @@ from nnsight_dist.testing.ranks import run_ranks
 PROMPTS = ["The Eiffel Tower is in the city of", "Hello world, how are you"]
 
 
-def grad_values(model) -> dict[str, torch.Tensor]:
-    """Named gradients (and a few values) of backward passes through both stages."""
+def grad_values(model, parameters: bool = True) -> dict[str, torch.Tensor]:
+    """Named gradients of backward passes through both stages (``parameters``: of
+    parameters too)."""
     layers = model.model.layers
     v: dict[str, torch.Tensor] = {}
 
@@ -111,15 +112,16 @@ def grad_values(model) -> dict[str, torch.Tensor]:
             g0 = h0.grad.save()
     v.update(unowned_loss=g_loss, unowned_body_tensor=g_doubled, unowned_stage0=g0)
 
-    with model.trace(PROMPTS[0]):                                       # parameters of both stages
-        w0 = layers[1].mlp.down_proj.weight
-        w1 = layers[3].mlp.down_proj.weight
-        loss = model.lm_head.output[0, -1].logsumexp(-1)
-        with loss.backward():
-            gw1 = w1.grad.save()
-            gw0 = w0.grad.save()
-    v.update(param_stage1=gw1, param_stage0=gw0)
-    model._module.zero_grad(set_to_none=True)
+    if parameters:
+        with model.trace(PROMPTS[0]):                                   # parameters of both stages
+            w0 = layers[1].mlp.down_proj.weight
+            w1 = layers[3].mlp.down_proj.weight
+            loss = model.lm_head.output[0, -1].logsumexp(-1)
+            with loss.backward():
+                gw1 = w1.grad.save()
+                gw0 = w0.grad.save()
+        v.update(param_stage1=gw1, param_stage0=gw0)
+        model._module.zero_grad(set_to_none=True)
     return {k: t.detach().clone() for k, t in v.items()}
 
 
@@ -159,6 +161,20 @@ def test_gradients_equal_one_process(reference, world):
     results = run_ranks(_rank_values, world, path, 2, timeout=240, env={"NNSIGHT_DIST_TIMEOUT": "60"})
     _compare([values for values, _ in results], expected, f"pp2 world {world}")
     assert [graph for _, graph in results] == [(False, False)] * world
+
+
+def _tp_pp_values(rank: int, path: str) -> dict:
+    return grad_values(nd.LanguageModel(path, tp=2, pp=2), parameters=False)
+
+
+def test_gradients_tp2_pp2(reference):
+    """tp=2 × pp=2: the gradients of whole locations (layer outputs, the norm, logits, values
+    the body computed) cross stages the same way. (A parameter's gradient under tp is the
+    tensor-parallel codecs' part: a parameter read in a body is a gathered copy.)"""
+    path, expected = reference
+    expected = {k: v for k, v in expected.items() if not k.startswith("param_")}
+    results = run_ranks(_tp_pp_values, 4, path, timeout=300, env={"NNSIGHT_DIST_TIMEOUT": "60"})
+    _compare(results, expected, "tp2_pp2")
 
 
 def _failing_block(rank: int, path: str, fails_on: int) -> tuple:
