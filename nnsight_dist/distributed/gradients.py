@@ -26,7 +26,7 @@ A backward pass (:meth:`PipelineBackward.run`, the seam's ``backward``) then goe
 
 So a ``.grad`` write on the last stage changes the gradient of the hidden states it received,
 which travels back and changes every gradient before it; the gradient of a location is
-computed by its owner (:meth:`PipelineBackward.owner`) and reaches the other stages like a
+computed by its owner (:meth:`PipelineBackward.is_remote`) and reaches the other stages like a
 value. See docs/design.md, "Backward across stages", for why it cannot deadlock.
 """
 
@@ -36,6 +36,8 @@ import re
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
+
+from ..intervention.errors import NNsightError
 
 if TYPE_CHECKING:
     from .replica import ReplicaSeam
@@ -75,14 +77,15 @@ class PipelineBackward:
             self.seam.interleaver.origins.record(location, value, value, None)
         return value
 
-    def owner(self, location: str, of: Optional[str]) -> bool:
-        """Name ``location``, the gradient location of the value served at ``of``, and say
-        whether another stage computes it (see :meth:`..intervention.seam.Seam.gradient`).
+    def is_remote(self, location: str, of: Optional[str]) -> bool:
+        """Give ``location``, the gradient location of the value served at ``of``, its owner
+        stage, and say whether that is another stage (see
+        :meth:`..intervention.seam.Seam.gradient`).
 
-        The owner of ``of`` (a parameter's: its module's) computes it: its tensor is in the
-        real graph. The gradient of a
-        value no stage owns (the root's output, ``result``) or of a tensor the body computed
-        comes from the last stage, the one whose loss is the real one.
+        The owner of ``of`` (for a parameter, its module's stage) computes it: its tensor is
+        in the real graph. The gradient of a value no stage owns (the root's output,
+        ``result``) or of a tensor the body computed comes from the last stage, the one
+        whose loss is the real one.
         """
         seam = self.seam
         base = _PART.sub("", of) if of is not None else None
@@ -122,6 +125,14 @@ class PipelineBackward:
         failure = seam.interleaver.failure
         if failure is not None:
             raise failure  # the run failed in the pass: the body ends here (the others are told)
+        for s, peer in later.items():
+            if router.gradients(peer):
+                raise NNsightError(
+                    f"a gradient of backward pass {n} flows from stage {stage} back to stage {s}, whose part "
+                    f"of the pass is over: a value of stage {s} went through a module of stage {stage} (an "
+                    "ad-hoc call of an earlier stage's module on a later stage's value). Call the module on "
+                    "values of its own stage or earlier ones, or trace with pp=1"
+                )
         for s, peer in earlier.items():
             router.send(peer, ("grads", n, stage), router.gradients(peer))
         for peer in later.values():

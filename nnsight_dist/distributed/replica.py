@@ -230,7 +230,7 @@ class ReplicaSeam(Seam):
     def gradient(self, location: str, of: Optional[str]) -> bool:
         """The gradient of a value is computed by the stage whose tensor is in the real
         graph, and served to the others (see :mod:`.gradients`)."""
-        return self.gradients.owner(location, of)
+        return self.gradients.is_remote(location, of)
 
     def check_plain_backward(self) -> None:
         """Under pp torch's own backward stops at this stage's boundary, and ``.grad`` of a

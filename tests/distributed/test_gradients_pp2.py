@@ -242,11 +242,27 @@ def earlier_first(model):
 
 def plain_backward(model):
     with model.trace(PROMPTS[0]):
+        h0 = model.model.layers[0].output
+        h0.retain_grad()
         loss = model.lm_head.output.sum()
         loss.backward()
+        g0 = h0.grad.save()
+    return g0
 
 
-SCENARIOS = [stop_on_stage1, stop_on_stage0, earlier_first, plain_backward]
+def back_to_a_later_stage(model):
+    with model.trace(PROMPTS[0]):
+        h3 = model.model.layers[3].output
+        mixed = model.model.layers[0].mlp(h3)  # a stage-0 module on a stage-1 value
+        loss = mixed.sum() + model.lm_head.output.sum()
+        with loss.backward():
+            g3 = h3.grad.save()
+    return g3
+
+
+SCENARIOS = [stop_on_stage1, stop_on_stage0, earlier_first, plain_backward, back_to_a_later_stage]
+#: Scenario -> the error it raises under pp (on some rank; the others: RemoteError).
+REFUSED = {earlier_first: "OutOfOrderError", plain_backward: "NNsightError", back_to_a_later_stage: "NNsightError"}
 
 
 def _outcomes(model) -> list:
@@ -277,21 +293,24 @@ def _rank_outcomes(rank: int, path: str) -> list:
 
 def test_stops_and_errors_in_blocks(reference):
     """``stop()`` inside a block on either stage ends the trace on every rank with what it
-    had; an out-of-order gradient raises ``OutOfOrderError`` (on some rank; the others a
-    ``RemoteError``); ``loss.backward()`` as a statement is refused under pp (it would stop at
-    the stage's boundary). Each is followed by a correct trace."""
+    had; an out-of-order gradient raises ``OutOfOrderError`` as in one process (on some rank;
+    the others a ``RemoteError``). Refused under pp (one process computes them): ``loss.backward()``
+    as a statement (it would stop at the stage's boundary), and a gradient that would flow
+    back to a later stage. Each is followed by a correct trace."""
     path, _ = reference
     expected = _outcomes(nd.LanguageModel(path))
     results = run_ranks(_rank_outcomes, 2, path, timeout=240, env={"NNSIGHT_DIST_TIMEOUT": "60"})
+    refused = {2 * SCENARIOS.index(scenario): error for scenario, error in REFUSED.items()}
     for rank, found in enumerate(results):
         for i, (got, want) in enumerate(zip(found, expected)):
             where = f"rank {rank}, item {i}"
-            if isinstance(want, torch.Tensor):
-                assert isinstance(got, torch.Tensor), f"{where}: {got}"
-                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
-                assert torch.equal(got, results[0][i]), where
-            elif i == 2 * SCENARIOS.index(earlier_first):
-                assert got in ("OutOfOrderError", "RemoteError") and want == "OutOfOrderError", (where, got)
-            else:
-                assert want is not None and got == "NNsightError", (where, got)  # plain_backward
-    assert "OutOfOrderError" in [found[2 * SCENARIOS.index(earlier_first)] for found in results]
+            if i in refused:
+                assert got in (refused[i], "RemoteError"), (where, got)
+                assert want == refused[i] if refused[i] == "OutOfOrderError" else isinstance(want, torch.Tensor), \
+                    (where, want)
+                continue
+            assert isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor), f"{where}: {got}, {want}"
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+            assert torch.equal(got, results[0][i]), where
+    for i, error in refused.items():
+        assert error in [found[i] for found in results], (i, [found[i] for found in results])
