@@ -610,7 +610,8 @@ def _explained(error: BaseException) -> BaseException:
     """``error``, or what it means here: torch's "does not require grad" comes from a
     ``backward()`` in a distributed trace whose body does not show it, which runs under
     ``torch.no_grad()``."""
-    if isinstance(error, RuntimeError) and "does not require grad" in str(error):
+    if isinstance(error, RuntimeError) and not isinstance(error, NNsightError) \
+            and "does not require grad" in str(error):
         return NNsightError(
             "backward() inside a distributed trace whose body does not call `.backward(` itself: such "
             f"traces run under torch.no_grad(), so nothing has a gradient ({error}). Call backward in "

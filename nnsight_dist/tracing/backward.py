@@ -77,8 +77,10 @@ class BackwardBlock(_Block):
             raise NoGradientError(
                 "backward() of a tensor that does not require grad: a backward block cannot "
                 "produce gradients, nothing the block reads can ever receive one. The forward "
-                "ran without gradient tracking (under torch.no_grad(), as `model.generate` and "
-                "distributed traces do), or the tensor was made without requires_grad=True."
+                "ran without gradient tracking (under torch.no_grad(), as `model.generate` does, "
+                "and a distributed trace whose body does not itself call `.backward(`: write the "
+                "block in the trace body, not in a function defined elsewhere), or the tensor was "
+                "made without requires_grad=True."
             )
 
     def _run(self, roots: Optional[list] = None, grads: Optional[list] = None) -> None:

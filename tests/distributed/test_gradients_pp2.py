@@ -260,9 +260,35 @@ def back_to_a_later_stage(model):
     return g3
 
 
-SCENARIOS = [stop_on_stage1, stop_on_stage0, earlier_first, plain_backward, back_to_a_later_stage]
-#: Scenario -> the error it raises under pp (on some rank; the others: RemoteError).
-REFUSED = {earlier_first: "OutOfOrderError", plain_backward: "NNsightError", back_to_a_later_stage: "NNsightError"}
+def under_generate(model):
+    with model.generate(PROMPTS[0], max_new_tokens=2, do_sample=False):
+        loss = model.lm_head.output.sum()
+        with loss.backward():
+            pass
+
+
+def _block_in_a_helper(loss, h):
+    with loss.backward():
+        g = h.grad.save()
+    return g
+
+
+def block_in_a_helper(model):
+    """The body does not show `.backward(`: a sharded trace runs under no_grad."""
+    with model.trace(PROMPTS[0]):
+        h1 = model.model.layers[1].output
+        loss = model.lm_head.output.sum()
+        g1 = _block_in_a_helper(loss, h1).save()
+    return g1
+
+
+SCENARIOS = [stop_on_stage1, stop_on_stage0, earlier_first, plain_backward, back_to_a_later_stage, under_generate,
+             block_in_a_helper]
+#: Scenario -> (the error it raises under pp on some rank (the others: RemoteError), whether
+#: one process raises it too).
+REFUSED = {earlier_first: ("OutOfOrderError", True), under_generate: ("NoGradientError", True),
+           plain_backward: ("NNsightError", False), back_to_a_later_stage: ("NNsightError", False),
+           block_in_a_helper: ("NoGradientError", False)}
 
 
 def _outcomes(model) -> list:
@@ -294,20 +320,21 @@ def _rank_outcomes(rank: int, path: str) -> list:
 def test_stops_and_errors_in_blocks(reference):
     """``stop()`` inside a block on either stage ends the trace on every rank with what it
     had; an out-of-order gradient raises ``OutOfOrderError`` as in one process (on some rank;
-    the others a ``RemoteError``). Refused under pp (one process computes them): ``loss.backward()``
-    as a statement (it would stop at the stage's boundary), and a gradient that would flow
-    back to a later stage. Each is followed by a correct trace."""
+    the others a ``RemoteError``), a block under ``generate`` ``NoGradientError``. Refused under
+    pp (one process computes them): ``loss.backward()`` as a statement (it would stop at the
+    stage's boundary), a gradient that would flow back to a later stage, a block the body does
+    not show (the trace ran under no_grad). Each is followed by a correct trace."""
     path, _ = reference
     expected = _outcomes(nd.LanguageModel(path))
     results = run_ranks(_rank_outcomes, 2, path, timeout=240, env={"NNSIGHT_DIST_TIMEOUT": "60"})
-    refused = {2 * SCENARIOS.index(scenario): error for scenario, error in REFUSED.items()}
+    refused = {2 * SCENARIOS.index(scenario): error for scenario, (error, _) in REFUSED.items()}
     for rank, found in enumerate(results):
         for i, (got, want) in enumerate(zip(found, expected)):
             where = f"rank {rank}, item {i}"
             if i in refused:
                 assert got in (refused[i], "RemoteError"), (where, got)
-                assert want == refused[i] if refused[i] == "OutOfOrderError" else isinstance(want, torch.Tensor), \
-                    (where, want)
+                alike = REFUSED[SCENARIOS[i // 2]][1]
+                assert want == refused[i] if alike else isinstance(want, torch.Tensor), (where, want)
                 continue
             assert isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor), f"{where}: {got}, {want}"
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
