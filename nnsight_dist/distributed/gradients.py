@@ -55,6 +55,8 @@ class PipelineBackward:
         self.named: set[str] = set()
         #: ``<module path>.<name>`` of each parameter read in the current trace -> its stage.
         self.parameters: dict[str, int] = {}
+        #: Hooks of the pass in progress on copies of tensors the last stage serves (:meth:`_split`).
+        self.detectors: list = []
 
     def begin(self, calls_backward: bool) -> None:
         """A trace starts: links across stages only if its body calls backward."""
@@ -66,6 +68,9 @@ class PipelineBackward:
             seam.remote.discard(location)
         self.named = set()
         self.parameters = {}
+        for handle in self.detectors:
+            handle.remove()
+        self.detectors = []
 
     def parameter(self, path: str, name: str, stage: int, value: Any) -> Any:
         """``value``, the attribute ``name`` of the module at ``path`` of ``stage``, read in
@@ -77,29 +82,51 @@ class PipelineBackward:
             self.seam.interleaver.origins.record(location, value, value, None)
         return value
 
-    def is_remote(self, location: str, of: Optional[str]) -> bool:
-        """Give ``location``, the gradient location of the value served at ``of``, its owner
-        stage, and say whether that is another stage (see
+    def is_remote(self, location: str, of: Optional[str], tensor: Any) -> bool:
+        """Give ``location``, the gradient location of ``tensor`` (served at ``of``), its
+        owner stage, and say whether that is another stage (see
         :meth:`..intervention.seam.Seam.gradient`).
 
         The owner of ``of`` (for a parameter, its module's stage) computes it: its tensor is
         in the real graph. The gradient of a value no stage owns (the root's output,
         ``result``) or of a tensor the body computed comes from the last stage, the one
-        whose loss is the real one.
+        whose loss is the real one. That is wrong only if such a tensor also reaches an
+        earlier stage's model (written into it, or through an ad-hoc call of its module):
+        then part of its gradient is computed there, and the earlier stage raises when its
+        copy of the tensor receives one (:meth:`_split`).
         """
         seam = self.seam
         base = _PART.sub("", of) if of is not None else None
         stage = seam.owner.get(base) if base is not None else None
         if stage is None:
             stage = self.parameters.get(base)
-        if stage is None:
+        last = stage is None
+        if last:
             stage = seam.topo.pp - 1
         seam.owner[location] = stage
         self.named.add(location)
         if stage == seam.topo.pp_rank:
             return False
         seam.remote.add(location)
+        if last and isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+            self.detectors.append(tensor.register_hook(self._split(location)))
         return True
+
+    def _split(self, location: str) -> Callable[[torch.Tensor], None]:
+        """A hook on this (earlier) stage's copy of a tensor whose gradient the last stage
+        serves: it fires only if the tensor reached this stage's model."""
+        stage = self.seam.topo.pp_rank
+
+        def fire(grad: torch.Tensor) -> None:
+            raise NNsightError(
+                f"the gradient of a tensor the body computed ({location}) cannot be shown whole: the tensor "
+                f"reached the model of stage {stage} (written into it, or through an ad-hoc call of its module), "
+                f"so part of its gradient is computed on stage {stage} and the rest on the last stage. Read the "
+                "gradient of the location it was written to instead (read that location again after the write, "
+                "and its `.grad`)"
+            )
+
+        return fire
 
     def run(self, run: Callable[..., None]) -> None:
         """One backward pass on this stage (see the module docstring)."""
@@ -111,17 +138,12 @@ class PipelineBackward:
         n, stage = self.passes, topo.pp_rank
         earlier = {s: topo.rank_of(s, topo.tp_rank) for s in range(stage)}
         later = {s: topo.rank_of(s, topo.tp_rank) for s in range(stage + 1, topo.pp)}
-        if not later:
-            run()
-        else:
-            roots, grads = [], []
-            for s, peer in later.items():
-                entries = router.wait(("grads", n, s), f"the gradients of backward pass {n}", peer)
-                for key, i, grad in entries:
-                    roots.append(router.outgoing[(peer, key)][i])
-                    grads.append(grad)
-            if roots:
-                run(roots, grads)
+        try:
+            self._local(run, n, later)
+        finally:
+            for handle in self.detectors:
+                handle.remove()
+            self.detectors = []
         failure = seam.interleaver.failure
         if failure is not None:
             raise failure  # the run failed in the pass: the body ends here (the others are told)
@@ -140,3 +162,18 @@ class PipelineBackward:
         for s, peer in earlier.items():
             router.wait(("gdone", n, s), f"the end of backward pass {n} on stage {s}", peer)
 
+    def _local(self, run: Callable[..., None], n: int, later: dict[int, int]) -> None:
+        """This stage's part of pass ``n``: from the loss on the last stage, else from what
+        this stage sent, with the gradients the ``later`` stages (stage -> rank) sent back."""
+        router = self.seam.router
+        if not later:
+            run()
+            return
+        roots, grads = [], []
+        for s, peer in later.items():
+            entries = router.wait(("grads", n, s), f"the gradients of backward pass {n}", peer)
+            for key, i, grad in entries:
+                roots.append(router.outgoing[(peer, key)][i])
+                grads.append(grad)
+        if roots:
+            run(roots, grads)

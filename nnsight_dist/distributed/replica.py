@@ -227,10 +227,10 @@ class ReplicaSeam(Seam):
             router.broadcast(("p", path, name, self.attribute_reads), {"value": value})
         return self.gradients.parameter(path, name, stage, value)
 
-    def gradient(self, location: str, of: Optional[str]) -> bool:
+    def gradient(self, location: str, of: Optional[str], tensor: Any) -> bool:
         """The gradient of a value is computed by the stage whose tensor is in the real
         graph, and served to the others (see :mod:`.gradients`)."""
-        return self.gradients.is_remote(location, of)
+        return self.gradients.is_remote(location, of, tensor)
 
     def check_plain_backward(self) -> None:
         """Under pp torch's own backward stops at this stage's boundary, and ``.grad`` of a

@@ -171,7 +171,7 @@ class BackwardPass:
             # Another tensor of the same location: another visit's, or other rows of it.
             location = f"{location}#{len(self.sites)}"
         site = self._site(location)
-        if not self.interleaver.seam.gradient(location, None if origin is None else name):
+        if not self.interleaver.seam.gradient(location, None if origin is None else name, target):
             # A tensor autograd does not track is refused here by torch (as in nnsight 0.8.1).
             self.handles.append(target.register_hook(self._hook(location, site, rows)))
         self.locations[key] = location

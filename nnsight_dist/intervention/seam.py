@@ -102,11 +102,12 @@ class Seam:
         """A sharded cache assembled whole on rank ``dst`` of the replica (here: itself)."""
         return cache
 
-    def gradient(self, location: str, of: Optional[str]) -> bool:
-        """``location`` is the gradient location of a value served at ``of`` (a location, or
-        ``loc[i]`` for the i-th tensor of a nest; ``None``: a tensor the body computed, or a
-        parameter). True when another rank computes that gradient: the interleaver then
-        hooks nothing here and asks for it like a remote value. In one process: False."""
+    def gradient(self, location: str, of: Optional[str], tensor: Any) -> bool:
+        """``location`` is the gradient location of ``tensor``, a value served at ``of`` (a
+        location, or ``loc[i]`` for the i-th tensor of a nest; ``None``: a tensor the body
+        computed, or a parameter). True when another rank computes that gradient: the
+        interleaver then hooks nothing here and asks for it like a remote value. In one
+        process: False."""
         return False
 
     def check_plain_backward(self) -> None:

@@ -260,6 +260,17 @@ def back_to_a_later_stage(model):
     return g3
 
 
+def written_body_tensor(model):
+    """A tensor the body computed, written into stage 0's model: its gradient is split."""
+    with model.trace(PROMPTS[0]):
+        doubled = model.model.layers[0].output * 2
+        model.model.layers[0].output = doubled
+        loss = model.lm_head.output.sum() + doubled.sum()
+        with loss.backward():
+            g = doubled.grad.save()
+    return g
+
+
 def under_generate(model):
     with model.generate(PROMPTS[0], max_new_tokens=2, do_sample=False):
         loss = model.lm_head.output.sum()
@@ -283,12 +294,12 @@ def block_in_a_helper(model):
 
 
 SCENARIOS = [stop_on_stage1, stop_on_stage0, earlier_first, plain_backward, back_to_a_later_stage, under_generate,
-             block_in_a_helper]
+             block_in_a_helper, written_body_tensor]
 #: Scenario -> (the error it raises under pp on some rank (the others: RemoteError), whether
 #: one process raises it too).
 REFUSED = {earlier_first: ("OutOfOrderError", True), under_generate: ("NoGradientError", True),
            plain_backward: ("NNsightError", False), back_to_a_later_stage: ("NNsightError", False),
-           block_in_a_helper: ("NoGradientError", False)}
+           block_in_a_helper: ("NoGradientError", False), written_body_tensor: ("NNsightError", False)}
 
 
 def _outcomes(model) -> list:
@@ -323,7 +334,8 @@ def test_stops_and_errors_in_blocks(reference):
     the others a ``RemoteError``), a block under ``generate`` ``NoGradientError``. Refused under
     pp (one process computes them): ``loss.backward()`` as a statement (it would stop at the
     stage's boundary), a gradient that would flow back to a later stage, a block the body does
-    not show (the trace ran under no_grad). Each is followed by a correct trace."""
+    not show (the trace ran under no_grad), the gradient of a body tensor written into stage
+    0's model (part of it is stage 0's). Each is followed by a correct trace."""
     path, _ = reference
     expected = _outcomes(nd.LanguageModel(path))
     results = run_ranks(_rank_outcomes, 2, path, timeout=240, env={"NNSIGHT_DIST_TIMEOUT": "60"})
