@@ -60,6 +60,7 @@ from ..intervention.interleaver import Interleaver
 from ..intervention.seam import Codec, Seam
 from .exchange import all_gather_json, gather_cache
 from .failure import _LOST, Failures
+from .gradients import PipelineBackward
 from .placement import LOCAL, WHOLE, LayoutCodec, ParameterGradient, Placement, fragmented
 from .router import Router, _shape_only
 from .topology import Topology, at_exit
@@ -139,6 +140,7 @@ class ReplicaSeam(Seam):
         #: Ad-hoc calls being waited for in :meth:`wait_remote` (nested waits are possible).
         self._calls: dict[tuple[int, int], str] = {}
         self.checking = _check_mode()
+        self.gradients = PipelineBackward(self)
 
     def _codec(self, placement: str, location: str, on_input: bool, module: str) -> Optional[Codec]:
         """The codec of a location of this stage (``None``: its value is whole as it is)."""
@@ -216,7 +218,7 @@ class ReplicaSeam(Seam):
             found = self.interleaver.synchronous(lambda: router.wait(key, f"attribute {name} of {path}", source))
             if found is None:
                 raise AttributeError(name)
-            return found["value"]
+            return self.gradients.parameter(path, name, stage, found["value"])
         try:
             value = local()
         except AttributeError:
@@ -226,7 +228,22 @@ class ReplicaSeam(Seam):
         if isinstance(value, torch.Tensor):
             self.attribute_reads += 1
             router.broadcast(("p", path, name, self.attribute_reads), {"value": value})
-        return value
+        return self.gradients.parameter(path, name, stage, value)
+
+    def gradient(self, location: str, of: Optional[str], tensor: Any) -> bool:
+        """The gradient of a value is computed by the stage whose tensor is in the real
+        graph, and served to the others (see :mod:`.gradients`)."""
+        return self.gradients.is_remote(location, of, tensor)
+
+    def check_plain_backward(self) -> None:
+        """Under pp torch's own backward stops at this stage's boundary, and ``.grad`` of a
+        value another stage owns would read a copy's: refused (the same way on every rank)."""
+        if self.topo.pp > 1:
+            raise NNsightError(
+                "loss.backward() as a statement runs autograd on this pipeline stage only: the gradient "
+                "would not reach the other stages, and `.grad` of their values would read a copy's. "
+                "Use a backward block: `with loss.backward(): g = h.grad.save()`"
+            )
 
     def defer(self, observer: Any, visit: int, location: str, value: Any) -> bool:
         """Fragments a whole-value cache observes are gathered together when the run ends
@@ -312,17 +329,18 @@ class ReplicaSeam(Seam):
                              "the gradient of a tensor-parallel parameter", False)
         return ParameterGradient(layout)
 
-    def backward(self, run: Callable[[], None]) -> None:
-        """Run a backward pass once every rank of the replica starts it: the engine's
-        collectives in it would wait for a rank whose run has failed (that rank's body never
-        gets to its backward block). The ranks agree in one small guarded all-gather, where
-        such a failure is raised instead; inside the pass every rank goes on to its end
-        (gradient visits are :meth:`~.Interleaver.guarded`)."""
+    def backward(self, run: Callable[..., None]) -> None:
+        """Run a backward pass once every rank of the replica starts it, then stage by stage
+        in reverse (see :mod:`.gradients`). The engine's collectives in the pass would wait
+        for a rank whose run has failed (that rank's body never gets to its backward block):
+        the ranks agree in one small guarded all-gather, where such a failure is raised
+        instead; inside the pass every rank goes on to its end (gradient visits are
+        :meth:`~.Interleaver.guarded`)."""
         ranks, group = self._scope()
         if len(ranks) > 1:
             parts = [torch.zeros(1) for _ in ranks]
             self.failures.all_gather(parts, torch.zeros(1), group, "the start of a backward pass", "the replica")
-        run()
+        self.gradients.run(run)
 
     def gather_cache(self, cache: Any, placements: dict, dst: int) -> Any:
         return gather_cache(self.topo, self.failures, cache, placements, dst)
@@ -439,6 +457,7 @@ class ReplicaSeam(Seam):
         self.checking = _check_mode()
         self.router.on_message = self._arrived
         self.router.next_trace()
+        self.gradients.begin(self.interleaver.calls_backward)
         self.log = []
         self._expected: Optional[dict[int, int]] = None
         self._observed: list = []
@@ -609,13 +628,14 @@ class ReplicaSeam(Seam):
 
 def _explained(error: BaseException) -> BaseException:
     """``error``, or what it means here: torch's "does not require grad" comes from a
-    ``backward()`` in a distributed trace that ran under ``torch.no_grad()``."""
-    if isinstance(error, RuntimeError) and "does not require grad" in str(error):
+    ``backward()`` in a distributed trace whose body does not show it, which runs under
+    ``torch.no_grad()``."""
+    if isinstance(error, RuntimeError) and not isinstance(error, NNsightError) \
+            and "does not require grad" in str(error):
         return NNsightError(
-            "backward() inside a distributed trace that ran under torch.no_grad(), so nothing has a "
-            f"gradient ({error}). A distributed trace keeps its graph only when its body calls "
-            "`.backward(` itself (not in a function it calls), and not yet under pipeline parallelism: "
-            "call it in the body at pp=1, or compute gradients in one process (tp=1, pp=1)"
+            "backward() inside a distributed trace whose body does not call `.backward(` itself: such "
+            f"traces run under torch.no_grad(), so nothing has a gradient ({error}). Call backward in "
+            "the trace body (`with loss.backward():`), not in a function defined elsewhere"
         )
     return error
 

@@ -198,6 +198,14 @@ class Router:
         self.stage_local = False
         #: Called with (source rank, key, value) for each message of the current trace.
         self.on_message: Optional[Callable[[int, tuple, Any], None]] = None
+        #: Whether the current trace keeps autograd links across stages (it calls backward):
+        #: a tensor sent with ``requires_grad`` is kept in :attr:`outgoing`, and arrives as a
+        #: clone of a leaf that requires grad, kept in :attr:`leaves` (see :mod:`.gradients`).
+        self.graph = False
+        #: (destination, key) -> {index of the tensor in the message: tensor sent}.
+        self.outgoing: dict[tuple[int, tuple], dict[int, torch.Tensor]] = {}
+        #: (trace, source, key) -> {index of the tensor in the message: leaf received}.
+        self.leaves: dict[tuple[int, int, tuple], dict[int, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ sending
 
@@ -209,8 +217,12 @@ class Router:
     def _send(self, dst: int, key: tuple, value: Any) -> None:
         tensors: list[torch.Tensor] = []
         structure = encode(value, tensors)
-        meta = json.dumps({"key": list(key), "value": structure,
-                           "tensors": [[str(t.dtype), list(t.shape)] for t in tensors]}).encode()
+        header = {"key": list(key), "value": structure, "tensors": [[str(t.dtype), list(t.shape)] for t in tensors]}
+        tracked = [i for i, t in enumerate(tensors) if t.requires_grad] if self.graph else []
+        if tracked:
+            header["grad"] = tracked
+            self.outgoing[(dst, key)] = {i: tensors[i] for i in tracked}
+        meta = json.dumps(header).encode()
         # One body: the meta, then every tensor's bytes. Building it copies the tensors (so
         # later in-place edits do not race the send) onto the CPU (for gloo).
         parts = [torch.frombuffer(bytearray(meta), dtype=torch.uint8)]
@@ -283,14 +295,43 @@ class Router:
         if device.type != "cpu":
             tensors = [t.to(device) for t in tensors]
         key = tuple(_tuple(k) for k in meta["key"])
-        value = decode(meta["value"], tensors)
         if trace < self.trace:
             return  # left over from a trace that already ended (it failed): nobody wants it
+        if meta.get("grad"):
+            tensors = self._tracked(trace, stream.peer, key, tensors, meta["grad"])
+        value = decode(meta["value"], tensors)
         if trace == self.trace:
             self.received[stream.peer] += 1
         self.mailbox[(trace, key)] = (stream.peer, value)
         if trace == self.trace and self.on_message is not None:
             self.on_message(stream.peer, key, value)
+
+    def _tracked(self, trace: int, peer: int, key: tuple, tensors: list[torch.Tensor],
+                 tracked: list[int]) -> list[torch.Tensor]:
+        """The tensors of a message whose sender tracked gradients of ``tracked`` ones: each of
+        those becomes a leaf that requires grad (kept, its gradient goes back to the sender)
+        and arrives as a clone of it, so it is no leaf, as on its sender (in-place edits work)."""
+        tensors = list(tensors)
+        leaves = self.leaves.setdefault((trace, peer, key), {})
+        with torch.enable_grad():
+            for i in tracked:
+                leaf = leaves[i] = tensors[i].detach().requires_grad_()
+                tensors[i] = leaf.clone()
+        return tensors
+
+    def gradients(self, peer: int) -> list:
+        """``[[key, index, gradient], ...]``: the gradient each leaf received from ``peer``
+        (see :meth:`_tracked`) got in the backward pass that just ran; the leaves are reset
+        for the next pass. A leaf the pass did not reach is left out."""
+        found = []
+        for (trace, source, key), leaves in self.leaves.items():
+            if trace != self.trace or source != peer:
+                continue
+            for i, leaf in leaves.items():
+                if leaf.grad is not None:
+                    found.append([key, i, leaf.grad])
+                    leaf.grad = None
+        return found
 
     def wait_received(self, counts: dict[int, int]) -> None:
         """A router-aware wait until ``counts[peer]`` messages of this trace came from each peer."""
@@ -349,6 +390,8 @@ class Router:
         self.failures.begin(self.trace)
         self.mailbox = {k: v for k, v in self.mailbox.items() if k[0] >= self.trace}
         self.sent = dict.fromkeys(self.peers, 0)
+        self.outgoing = {}
+        self.leaves = {k: v for k, v in self.leaves.items() if k[0] >= self.trace}
         self.traffic = {}
         self.received = {p: sum(1 for (t, _), (src, _) in self.mailbox.items() if t == self.trace and src == p)
                          for p in self.peers}

@@ -20,7 +20,9 @@ The visit comes from a tensor hook (a real PyTorch hook) registered on the first
 on the tensor itself, or for an invoke's rows of a batched value, on the full-batch tensor
 the model continued with; the hook passes the gradient through the interleaver's one
 primitive, ``handle(location, gradient)``. The pass itself is started through the seam
-(:meth:`.seam.Seam.backward`), which in one process just runs it.
+(:meth:`.seam.Seam.backward`), which in one process just runs it. A gradient another rank
+computes (:meth:`.seam.Seam.gradient`: the gradient of a value of another pipeline stage)
+is hooked nowhere here: it is requested like any remote value, and its owner serves it.
 
 Order rules (nnsight 0.8.1's): gradients arrive in the reverse of the forward order, so a
 block asks for them from the last layer back. A gradient requested after its visit, or of
@@ -179,12 +181,13 @@ class BackwardPass:
         if location in self.sites:
             # Another tensor of the same location: another visit's, or other rows of it.
             location = f"{location}#{len(self.sites)}"
+        site = self._site(location)
         codec = self.interleaver.seam.gradient_codec(target)
         if codec is not None:  # a gradient the engine holds in fragments: served whole
             self.interleaver.seam.codecs[location] = codec
-        # A tensor autograd does not track is refused here by torch (as in nnsight 0.8.1).
-        handle = target.register_hook(self._hook(location, self._site(location), rows))
-        self.handles.append(handle)
+        if not self.interleaver.seam.gradient(location, None if origin is None else name, target):
+            # A tensor autograd does not track is refused here by torch (as in nnsight 0.8.1).
+            self.handles.append(target.register_hook(self._hook(location, site, rows)))
         self.locations[key] = location
         return location
 

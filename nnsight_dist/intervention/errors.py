@@ -41,7 +41,8 @@ class WriteShapeError(NNsightError, ValueError):
 class NoGradientError(NNsightError, NotImplementedError):
     """``with t.backward():`` on a tensor that autograd does not track (nnsight 0.8.1 raises
     ``NotImplementedError``): the forward ran under ``torch.no_grad()`` (``generate``, or a
-    distributed trace), or the tensor was made without ``requires_grad``."""
+    distributed trace whose body does not call ``.backward(``), or the tensor was made
+    without ``requires_grad``."""
 
 
 class TracingSourceError(NNsightError):

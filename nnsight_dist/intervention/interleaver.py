@@ -476,6 +476,7 @@ class Interleaver:
         """A value computed on another stage: from the mailbox, or parked until it arrives."""
         found, value = self.seam.fetch(med.index, seq, location)
         if found:
+            self.origins.record(location, value, value, None)
             return value
         self.remote_waiting[(med.index, seq)] = med
         return self._park(med, Wait(location, None, "remote", seq))
@@ -485,6 +486,8 @@ class Interleaver:
         med = self.remote_waiting.pop((mediator, seq), None)
         if med is None:
             return False
+        # Its gradient location is named after it, as on its owner (see `.backward`).
+        self.origins.record(med.wait.location, value, value, None)
         med.wait = None
         self._resume(med, value)
         return True

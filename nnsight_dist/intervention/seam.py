@@ -107,10 +107,26 @@ class Seam:
         gradient in fragments (a tensor-parallel parameter's), else ``None``: whole here."""
         return None
 
-    def backward(self, run: Callable[[], None]) -> None:
+    def gradient(self, location: str, of: Optional[str], tensor: Any) -> bool:
+        """``location`` is the gradient location of ``tensor``, a value served at ``of`` (a
+        location, or ``loc[i]`` for the i-th tensor of a nest; ``None``: a tensor the body
+        computed, or a parameter). True when another rank computes that gradient: the
+        interleaver then hooks nothing here and asks for it like a remote value. In one
+        process: False."""
+        return False
+
+    def check_plain_backward(self) -> None:
+        """Raise if torch's own backward, called as a statement in a body
+        (``loss.backward()``), cannot give single-device gradients on this rank (in one
+        process it can)."""
+
+    def backward(self, run: Callable[..., None]) -> None:
         """The backward pass of a ``with t.backward():`` block: ``run()`` runs autograd from
-        ``t`` on this rank, its gradient visits handled as they come (see :mod:`.backward`).
-        One process just runs it; a pipeline seam also carries gradients between stages."""
+        ``t`` on this rank, its gradient visits handled as they come (see :mod:`.backward`);
+        ``run(roots, grads)`` runs it from ``roots`` with gradients ``grads`` instead (a
+        pipeline stage continuing a backward that began on a later stage), with the block's
+        options. One process just runs ``run()``; a pipeline seam also carries gradients
+        between stages."""
         run()
 
     def begin(self) -> None:

@@ -240,10 +240,10 @@ class TransformersModel(NNsight):
         if "position_ids" not in kwargs and "attention_mask" in kwargs:
             # As generate does: padded rows count positions from their first real token.
             kwargs["position_ids"] = (kwargs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-        if self._placements is not None:
-            # Sharded runs keep activations only for a trace that calls backward; the others
-            # run the engines' local inference fast paths, without a graph.
-            with torch.no_grad() if not self.interleaver.calls_backward else contextlib.nullcontext():
+        if self._placements is not None and not self.interleaver.calls_backward:
+            # Sharded runs are inference unless the body calls backward: the engines' local
+            # fast paths, no autograd views forbidding in-place edits of their outputs.
+            with torch.no_grad():
                 return self._module(*args, **kwargs)
         return self._module(*args, **kwargs)
 

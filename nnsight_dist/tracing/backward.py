@@ -18,7 +18,7 @@ import functools
 import inspect
 import sys
 from types import FrameType
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 from greenlet import getcurrent
@@ -56,8 +56,10 @@ def _backward(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
     statement of a running body, else torch's backward."""
     il = _RUNNING[-1] if _RUNNING else None
     med = il.current if il is not None else None
-    if med is not None and getcurrent() is med.greenlet and opens_with(sys._getframe(1), "backward"):
-        return BackwardBlock(il, tensor, args, kwargs)
+    if med is not None and getcurrent() is med.greenlet:
+        if opens_with(sys._getframe(1), "backward"):
+            return BackwardBlock(il, tensor, args, kwargs)
+        il.seam.check_plain_backward()
     return _TORCH_BACKWARD(tensor, *args, **kwargs)
 
 
@@ -75,18 +77,31 @@ class BackwardBlock(_Block):
             raise NoGradientError(
                 "backward() of a tensor that does not require grad: a backward block cannot "
                 "produce gradients, nothing the block reads can ever receive one. The forward "
-                "ran without gradient tracking (under torch.no_grad(), as `model.generate` and "
-                "distributed traces do), or the tensor was made without requires_grad=True."
+                "ran without gradient tracking (under torch.no_grad(), as `model.generate` does, "
+                "and a distributed trace whose body does not itself call `.backward(`: write the "
+                "block in the trace body, not in a function defined elsewhere), or the tensor was "
+                "made without requires_grad=True."
             )
+
+    def _run(self, roots: Optional[list] = None, grads: Optional[list] = None) -> None:
+        """The block's backward: torch's, from the tensor; or, with ``roots``, from ``roots``
+        with gradients ``grads`` and the block's options (see :meth:`..intervention.seam.Seam.backward`)."""
+        if roots is None:
+            _TORCH_BACKWARD(self.tensor, *self.args, **self.kwargs)
+            return
+        bound = inspect.signature(_TORCH_BACKWARD).bind(self.tensor, *self.args, **self.kwargs)
+        bound.apply_defaults()
+        options = bound.arguments
+        torch.autograd.backward(roots, grads, retain_graph=options["retain_graph"],
+                                create_graph=options["create_graph"])
 
     def _captured(self, frame: FrameType) -> None:
         il = self.interleaver
         outer = il.current
         sc = scope(frame)
         block = Mediator(self._body.bind(sc), None, f"backward block of {outer.name}")
-        tensor, args, kwargs = self.tensor, self.args, self.kwargs
         try:
-            BackwardPass(il, block, outer, lambda: _TORCH_BACKWARD(tensor, *args, **kwargs)).run()
+            BackwardPass(il, block, outer, self._run).run()
         finally:
             # Into the enclosing body, saved or not; the trace keeps the saved ones at its end.
             push_names(frame, sc.writes())

@@ -253,14 +253,18 @@ def _mistake_results(path: str, topology: str, mistake: str) -> list:
     return results
 
 
-@pytest.mark.parametrize("topology", ["pp2"])
+@pytest.mark.parametrize("topology", ["tp2", "pp2"])
 def test_backward_in_a_distributed_trace(path, topology):
-    """Was torch's raw "element 0 of tensors does not require grad". (At tp=2 a backward
-    works: tests/distributed/test_gradients_tp2.py.)"""
+    """``loss.backward()`` as a statement: torch's own backward. A trace whose body calls it
+    keeps its graph, so under tp it runs; under pp it would stop at the stage's boundary and
+    is refused on every rank (was torch's raw "element 0 of tensors does not require grad")."""
     results = _mistake_results(path, topology, "backward")
+    if topology == "tp2":
+        assert [r["error"] for r in results] == [("ok", None)] * 2
+        return
     for r in results:
         assert r["error"][0] == "error" and r["error"][1] in ("NNsightError", "RemoteError"), r["error"]
-        assert "backward() inside a distributed trace" in r["error"][2] and "tp=1, pp=1" in r["error"][2]
+        assert "loss.backward() as a statement" in r["error"][2] and "with loss.backward():" in r["error"][2]
     assert any(r["error"][1] == "NNsightError" for r in results)
 
 
