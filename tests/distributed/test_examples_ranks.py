@@ -20,7 +20,7 @@ import torch
 
 import nnsight_dist as nd
 from helpers import example, read_csv
-from nnsight_dist.testing.ranks import RanksFailed, run_ranks
+from nnsight_dist.testing.ranks import run_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV = {"NNSIGHT_DIST_TIMEOUT": "60"}
@@ -31,10 +31,6 @@ RUNS = {
     "logit_lens_tp2_pp2": ("logit_lens", 4, 2, 2),
     "attribution_patching_tp2_pp2": ("attribution_patching", 4, 2, 2),
 }
-#: Runs that need gradients through sharded models (under way): strict, so that the day
-#: they pass the marker must go.
-GRADIENTS = pytest.mark.xfail(raises=RanksFailed, strict=True,
-                              reason="backward() in a distributed trace is refused until gradients under tp/pp land")
 #: each example's table: its label columns (equal) and value columns (within 1e-4)
 COLUMNS = {
     "activation_patching": (("layer", "position", "token"), ("value",)),
@@ -75,8 +71,7 @@ def _rank_main(rank: int, name: str, argv: list[str], out_root: str) -> list[str
     return sorted(os.listdir(out)) if os.path.exists(out) else []
 
 
-@pytest.mark.parametrize("run", [pytest.param(r, marks=GRADIENTS) if RUNS[r][0] == "attribution_patching" else r
-                                 for r in RUNS])
+@pytest.mark.parametrize("run", list(RUNS))
 def test_example_on_ranks(run, tiny, single, tmp_path):
     name, world, tp, pp = RUNS[run]
     argv = ["--model-dir", tiny, "--tp", str(tp), "--pp", str(pp)]
