@@ -79,7 +79,12 @@ class PipelineBackward:
         if isinstance(value, torch.Tensor):
             location = f"{path}.{name}"
             self.parameters[location] = stage
-            self.seam.interleaver.origins.record(location, value, value, None)
+            origins = self.seam.interleaver.origins
+            alias = origins.of(value)
+            # A tensor-parallel parameter is read as a whole copy standing for it (an alias):
+            # the gradient is the parameter's.
+            target = alias[1] if alias is not None and alias[0] is None else value
+            origins.record(location, target, value, None)
         return value
 
     def is_remote(self, location: str, of: Optional[str], tensor: Any) -> bool:

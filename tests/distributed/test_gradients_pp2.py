@@ -164,15 +164,14 @@ def test_gradients_equal_one_process(reference, world):
 
 
 def _tp_pp_values(rank: int, path: str) -> dict:
-    return grad_values(nd.LanguageModel(path, tp=2, pp=2), parameters=False)
+    return grad_values(nd.LanguageModel(path, tp=2, pp=2))
 
 
 def test_gradients_tp2_pp2(reference):
     """tp=2 × pp=2: the gradients of whole locations (layer outputs, the norm, logits, values
-    the body computed) cross stages the same way. (A parameter's gradient under tp is the
-    tensor-parallel codecs' part: a parameter read in a body is a gathered copy.)"""
+    the body computed) and of tensor-parallel parameters on both stages cross stages the same
+    way."""
     path, expected = reference
-    expected = {k: v for k, v in expected.items() if not k.startswith("param_")}
     results = run_ranks(_tp_pp_values, 4, path, timeout=300, env={"NNSIGHT_DIST_TIMEOUT": "60"})
     _compare(results, expected, "tp2_pp2")
 
