@@ -270,12 +270,17 @@ def _errors_then_a_trace(rank: int, path: str) -> dict:
                         up.grad.save()
         except Exception as error:
             errors.append(f"{type(error).__name__}: {error}")
+    return {"errors": errors, "after": _next_trace(model)}
+
+
+def _next_trace(model) -> torch.Tensor:
+    """The trace after a failed one: the gradient of layer 0's output."""
     with model.trace(PROMPTS[0]):
-        h0 = layers[0].output
+        h0 = model.model.layers[0].output
         loss = last_token_loss(model.lm_head.output)
         with loss.backward():
             after = h0.grad.save()
-    return {"errors": errors, "after": after}
+    return after
 
 
 def test_errors_in_a_backward_block_cost_one_trace(reference):
@@ -350,12 +355,7 @@ def _forward_error_on_one_rank(rank: int, path: str) -> dict:
         error = "none"
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
-    with model.trace(PROMPTS[0]):
-        h0 = layers[0].output
-        loss = last_token_loss(model.lm_head.output)
-        with loss.backward():
-            after = h0.grad.save()
-    return {"error": error, "after": after}
+    return {"error": error, "after": _next_trace(model)}
 
 
 def test_a_rank_that_failed_before_the_backward_block(reference):
