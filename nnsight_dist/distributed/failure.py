@@ -18,6 +18,7 @@ missing ones with zeros, so the group's collectives match again for the next tra
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any, Callable, Optional
 
@@ -257,3 +258,29 @@ def lost_contact(fn: Callable[[], Any], source: Any) -> Any:
 
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
                                torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}
+
+
+def explained(error: BaseException) -> BaseException:
+    """``error``, or what it means here: torch's "does not require grad" comes from a
+    ``backward()`` in a distributed trace whose body does not show it, which runs under
+    ``torch.no_grad()``."""
+    if isinstance(error, RuntimeError) and not isinstance(error, NNsightError) \
+            and "does not require grad" in str(error):
+        return NNsightError(
+            "backward() inside a distributed trace whose body does not call `.backward(` itself: such "
+            f"traces run under torch.no_grad(), so nothing has a gradient ({error}). Call backward in "
+            "the trace body (`with loss.backward():`), not in a function defined elsewhere"
+        )
+    return error
+
+
+def communication_error(error: BaseException) -> bool:
+    """Whether ``error`` came out of torch.distributed (a broken or timed-out exchange)."""
+    if isinstance(error, dist.DistError):
+        return True
+    tb = error.__traceback__
+    while tb is not None:
+        if f"torch{os.sep}distributed{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False

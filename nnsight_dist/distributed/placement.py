@@ -404,3 +404,21 @@ def assemble(values: list, placement: str, on_input: bool, where: str) -> Any:
     if isinstance(first, (tuple, list, dict)):
         return rebuild(first, lambda k, _: join(table.get(k, default), f"{where}[{k!r}]")([v[k] for v in values]))
     return join(table.get(0, WHOLE), where)(values)
+
+
+class Unplaced(Codec):
+    """A location (an operation or a module inside a tensor-parallel module) whose value is a
+    fragment of undescribed layout: serving it would show a shard as if it were whole."""
+
+    def __init__(self, location: str, module: str) -> None:
+        self.location = location
+        self.module = module
+
+    def whole(self, local: Any) -> Any:
+        raise NNsightError(
+            f"{self.location} is computed on this rank's tensor-parallel fragment in {self.module}, "
+            "and the engine does not say how the fragments form the whole value: read the module's "
+            "inputs and outputs (or its children's) instead, or trace with tp=1"
+        )
+
+    fragment = whole

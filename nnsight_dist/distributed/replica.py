@@ -47,7 +47,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import time
 from typing import Any, Callable, Iterator, Optional
 
@@ -59,9 +58,10 @@ from ..intervention.batcher import tensors
 from ..intervention.interleaver import Interleaver
 from ..intervention.seam import Codec, Seam
 from .exchange import all_gather_json, gather_cache
-from .failure import _LOST, Failures
+from .divergence import CheckMode, digest, first_difference
+from .failure import _LOST, Failures, communication_error, explained
 from .gradients import PipelineBackward
-from .placement import LOCAL, WHOLE, LayoutCodec, ParameterGradient, Placement, fragmented
+from .placement import LOCAL, WHOLE, LayoutCodec, ParameterGradient, Placement, Unplaced, fragmented
 from .router import Router, _shape_only
 from .topology import Topology, at_exit
 
@@ -77,24 +77,6 @@ def shared_router(topo: Topology) -> Router:
         router = _ROUTERS[id(topo)] = Router(topo, Failures(topo), topo.group("router"))
         at_exit(router.close)
     return router
-
-
-class Unplaced(Codec):
-    """A location (an operation or a module inside a tensor-parallel module) whose value is a
-    fragment of undescribed layout: serving it would show a shard as if it were whole."""
-
-    def __init__(self, location: str, module: str) -> None:
-        self.location = location
-        self.module = module
-
-    def whole(self, local: Any) -> Any:
-        raise NNsightError(
-            f"{self.location} is computed on this rank's tensor-parallel fragment in {self.module}, "
-            "and the engine does not say how the fragments form the whole value: read the module's "
-            "inputs and outputs (or its children's) instead, or trace with tp=1"
-        )
-
-    fragment = whole
 
 
 class ReplicaSeam(Seam):
@@ -133,13 +115,12 @@ class ReplicaSeam(Seam):
         self._expected: Optional[dict[int, int]] = None
         self._observed: list = []
         self._fragments: list = []
-        self._checks: list = []
         self.attribute_reads = 0
         #: Modules whose submodules run on different stages: no one rank can call them.
         self.spanning = _spanning(placements)
         #: Ad-hoc calls being waited for in :meth:`wait_remote` (nested waits are possible).
         self._calls: dict[tuple[int, int], str] = {}
-        self.checking = _check_mode()
+        self.check = CheckMode(topo, self.failures)
         self.gradients = PipelineBackward(self)
 
     def _codec(self, placement: str, location: str, on_input: bool, module: str) -> Optional[Codec]:
@@ -361,7 +342,7 @@ class ReplicaSeam(Seam):
         ranks, group = self._scope()
         if len(ranks) == 1 or any(_shape_only(t) for t in found):
             return  # a scan: shapes only, and the ranks compare what they serve
-        mine = torch.tensor([_digest(found)], dtype=torch.long)
+        mine = torch.tensor([digest(found)], dtype=torch.long)
         parts = [torch.zeros(1, dtype=torch.long) for _ in ranks]
         self.failures.all_gather(parts, mine, group, "the check of the trace's inputs", "the replica")
         digests = [int(p.item()) for p in parts]
@@ -375,37 +356,8 @@ class ReplicaSeam(Seam):
             )
 
     def verify(self, location: str, value: Any) -> None:
-        """Check mode (``NNSIGHT_DIST_CHECK=1``): ``value``, served as whole at ``location``,
-        must be bit-identical on every rank of the tensor-parallel group. A digest of its
-        tensors is kept and the ranks compare theirs when the trace closes
-        (:meth:`_compare_checks`): one exchange per trace, and ranks that ran different code
-        still reach the divergence report instead of waiting in mismatched collectives."""
-        if not self.checking or self.topo.tp == 1:
-            return
-        found = tensors(value)
-        if found and not any(_shape_only(t) for t in found):  # a scan's tensors have no data
-            self._checks.append([location, _digest(found)])
-
-    def _compare_checks(self) -> None:
-        """Raise :class:`DivergenceError` naming the first whole value whose digests differ
-        between the ranks of the tensor-parallel group, and which ranks hold which."""
-        if not self.checking or self.topo.tp == 1:
-            return
-        logs = all_gather_json(self._checks, self.topo.group("tp"), self.topo.tp, self.failures)
-        ranks = [self.topo.rank_of(self.topo.pp_rank, t) for t in range(self.topo.tp)]
-        for i in range(max(len(log) for log in logs)):
-            entries = [tuple(log[i]) if i < len(log) else None for log in logs]
-            if len(set(entries)) == 1:
-                continue
-            groups: dict[Any, list[int]] = {}
-            for rank, entry in zip(ranks, entries):
-                groups.setdefault(entry, []).append(rank)
-            location = next(e[0] for e in entries if e is not None)
-            raise DivergenceError(
-                f"check mode: {location} was served as the whole value (check {i} of the trace) but differs "
-                f"between the ranks of its tensor-parallel group ({' vs '.join(map(str, groups.values()))} "
-                "hold different values): a fragment described as whole, or an edit that depends on the rank"
-            )
+        """Check mode (see :class:`.divergence.CheckMode`)."""
+        self.check.verify(location, value)
 
     def _check_same(self, theirs: str, mine: str, mediator: int, seq: int) -> None:
         if theirs != mine:
@@ -454,7 +406,7 @@ class ReplicaSeam(Seam):
     def begin(self) -> None:
         """Start a trace."""
         self.failures.context = self._waiting
-        self.checking = _check_mode()
+        self.check.begin()
         self.router.on_message = self._arrived
         self.router.next_trace()
         self.gradients.begin(self.interleaver.calls_backward)
@@ -462,7 +414,6 @@ class ReplicaSeam(Seam):
         self._expected: Optional[dict[int, int]] = None
         self._observed: list = []
         self._fragments: list = []
-        self._checks: list = []
 
     def drain(self) -> None:
         """Take in every message of this trace (serving late arrivals); complete the sends.
@@ -532,12 +483,12 @@ class ReplicaSeam(Seam):
     def close(self) -> None:
         """The digest barrier (see the module docstring), then check mode's comparison."""
         self._barrier()
-        self._compare_checks()
+        self.check.compare()
 
     def failed(self, error: BaseException) -> None:
         """The run failed here: tell the other ranks now (they stop waiting for this one and
         fail their runs too); end this rank's waits; ignore what still arrives."""
-        self.failures.publish(_explained(error))
+        self.failures.publish(explained(error))
         self.failures.failed = error
         self.router.on_message = None
 
@@ -550,7 +501,7 @@ class ReplicaSeam(Seam):
         a process group broke): then nobody is left to settle with, every rank is told
         (:meth:`.Failures.mark_lost`) and the job must restart.
         """
-        broken = not isinstance(error, NNsightError) and _communication(error)
+        broken = not isinstance(error, NNsightError) and communication_error(error)
         cause = self.failures.remote() if broken else None
         if broken and cause is None:
             if "timed out" in str(error).lower() or "timeout" in str(error).lower():
@@ -560,8 +511,8 @@ class ReplicaSeam(Seam):
                 )
             else:
                 cause = RemoteError(-1, f"a rank of the replica stopped answering ({error}); it probably died")
-        if cause is None and _explained(error) is not error:
-            cause = _explained(error)
+        if cause is None and explained(error) is not error:
+            cause = explained(error)
         self.failures.publish(cause or error)  # not if it came from another rank
         lost = cause if broken else error if getattr(error, "lost", False) else None
         if lost is None:
@@ -623,21 +574,7 @@ class ReplicaSeam(Seam):
         if len(set(steps)) > 1:
             raise DivergenceError(f"ranks {ranks} ran {steps} steps of the model")
         logs = all_gather_json(entries, group, len(ranks), self.failures)
-        raise DivergenceError(_first_difference(ranks, logs))
-
-
-def _explained(error: BaseException) -> BaseException:
-    """``error``, or what it means here: torch's "does not require grad" comes from a
-    ``backward()`` in a distributed trace whose body does not show it, which runs under
-    ``torch.no_grad()``."""
-    if isinstance(error, RuntimeError) and not isinstance(error, NNsightError) \
-            and "does not require grad" in str(error):
-        return NNsightError(
-            "backward() inside a distributed trace whose body does not call `.backward(` itself: such "
-            f"traces run under torch.no_grad(), so nothing has a gradient ({error}). Call backward in "
-            "the trace body (`with loss.backward():`), not in a function defined elsewhere"
-        )
-    return error
+        raise DivergenceError(first_difference(ranks, logs))
 
 
 def _spanning(placements: dict[str, Placement]) -> dict[str, list[int]]:
@@ -650,43 +587,3 @@ def _spanning(placements: dict[str, Placement]) -> dict[str, list[int]]:
         for i in range(1, len(parts) + 1):
             stages.setdefault(".".join(parts[:i]), set()).add(p.owner_stage)
     return {path: sorted(found) for path, found in stages.items() if len(found) > 1 and path in placements}
-
-
-def _check_mode() -> bool:
-    """Whether ``NNSIGHT_DIST_CHECK`` asks for :meth:`ReplicaSeam.verify` (read per trace)."""
-    return os.environ.get("NNSIGHT_DIST_CHECK", "") not in ("", "0")
-
-
-def _digest(found: list[torch.Tensor]) -> int:
-    """A signed 64-bit blake2b digest of the dtypes, shapes and bytes of tensors."""
-    h = hashlib.blake2b(digest_size=8)
-    for t in found:
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return int.from_bytes(h.digest(), "little", signed=True)
-
-
-def _communication(error: BaseException) -> bool:
-    """Whether ``error`` came out of torch.distributed (a broken or timed-out exchange)."""
-    if isinstance(error, dist.DistError):
-        return True
-    tb = error.__traceback__
-    while tb is not None:
-        if f"torch{os.sep}distributed{os.sep}" in tb.tb_frame.f_code.co_filename:
-            return True
-        tb = tb.tb_next
-    return False
-
-
-def _first_difference(ranks: list[int], logs: list[list]) -> str:
-    reference = logs[0]
-    for rank, log in zip(ranks[1:], logs[1:]):
-        for i in range(max(len(reference), len(log))):
-            a = reference[i] if i < len(reference) else None
-            b = log[i] if i < len(log) else None
-            if a != b:
-                def say(e):
-                    return "nothing" if e is None else f"{e[2]} (mediator {e[0]}, request {e[1]})"
-                return (f"ranks diverged: entry {i} is {say(a)} on rank {ranks[0]} but {say(b)} on rank {rank}; "
-                        "the intervention code must be the same on every rank (no branching on the rank)")
-    return "ranks diverged in what they served"
