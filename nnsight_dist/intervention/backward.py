@@ -46,7 +46,8 @@ from .batcher import Group, tensors
 from .errors import OutOfOrderError
 
 if TYPE_CHECKING:
-    from .interleaver import Interleaver, Site
+    from .interleaver import Interleaver
+    from .sites import Site
     from .mediator import Mediator
 
 
