@@ -10,7 +10,8 @@ forked (``nnsight_dist.testing.ranks.run_ranks``, gloo on CPU); each loads
 ``nd.LanguageModel(dir, tp=, pp=)`` and traces one prompt, reading from
 ``/proc/self/status``:
 
-* ``base``: ``VmRSS`` before the load (the forked interpreter with torch and transformers);
+* ``base``: ``VmRSS`` (and ``RssAnon``) before the load: the forked interpreter with torch
+  and transformers;
 * ``load`` / ``trace``: ``VmHWM`` (peak resident) after the load, and after one trace that
   saves the last layer's output and the logits;
 * ``anon`` / ``file``: ``RssAnon`` and ``RssFile`` after the trace: the process's own memory,
@@ -20,8 +21,8 @@ forked (``nnsight_dist.testing.ranks.run_ranks``, gloo on CPU); each loads
   tensor-parallel parameter, every other parameter of its stage whole);
 * ``share``: the file's bytes / (tp · pp), the ideal even split.
 
-The table gives each rank's numbers and ``anon − weights`` (the constant: interpreter,
-libraries, loading buffers, activations). Run::
+The table gives each rank's numbers and ``peak − weights`` (the constant: interpreter,
+libraries, loading buffers, activations, mapped pages beyond the rank's own tensors). Run::
 
     python benchmarks/scale.py                      # the 1B model, tp=2 × pp=2
     python benchmarks/scale.py --layers 4 --hidden 512 --intermediate 1408 --heads 8 --kv-heads 4
@@ -61,7 +62,7 @@ def _local_bytes(module: torch.nn.Module) -> int:
 
 
 def _rank(rank: int, path: str, tp: int, pp: int) -> dict:
-    base = _status("VmRSS")
+    base, base_anon = _status("VmRSS"), _status("RssAnon")
     start = time.perf_counter()
     model = nd.LanguageModel(path, tp=tp, pp=pp)
     loaded, load_s = _status("VmHWM"), time.perf_counter() - start
@@ -69,7 +70,7 @@ def _rank(rank: int, path: str, tp: int, pp: int) -> dict:
     with model.trace(PROMPT):
         model.model.layers[-1].output.save()
         model.lm_head.output.save()
-    return {"base": base, "load": loaded, "trace": _status("VmHWM"), "anon": _status("RssAnon"),
+    return {"base": base, "load": loaded, "trace": _status("VmHWM"), "base_anon": base_anon, "anon": _status("RssAnon"),
             "file": _status("RssFile"), "weights": _local_bytes(model._module),
             "load_s": load_s, "trace_s": time.perf_counter() - start,
             "where": f"pp {model.topology.pp_rank} tp {model.topology.tp_rank}"}
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", default=None, help="where to write the model (default: a temporary directory)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds for the ranks")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:  # an existing identical build in --dir is reused
         args.dir = args.dir or tmp
         build_s = _build(args)
         file_bytes = sum(os.path.getsize(os.path.join(args.dir, f)) for f in os.listdir(args.dir)
@@ -109,13 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {args.layers} layers, hidden {args.hidden}, {file_bytes / 2**30:.2f} GiB of weights "
           f"({file_bytes // 4 / 1e9:.2f} B float32 parameters); tp={args.tp} × pp={args.pp}; "
           f"share = {share / MiB:.0f} MiB\n")
-    print("| rank | where | base MiB | weights MiB | VmHWM load MiB | VmHWM trace MiB | anon MiB | file MiB "
-          "| anon − weights MiB | load s | trace s |")
+    print("| rank | where | base (anon) MiB | weights MiB | VmHWM load MiB | VmHWM trace MiB | anon MiB | file MiB "
+          "| peak − weights MiB | load s | trace s |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for rank, r in enumerate(results):
-        print(f"| {rank} | {r['where']} | {r['base'] / MiB:.0f} | {r['weights'] / MiB:.0f} | {r['load'] / MiB:.0f} "
+        print(f"| {rank} | {r['where']} | {r['base'] / MiB:.0f} ({r['base_anon'] / MiB:.0f}) | {r['weights'] / MiB:.0f} | {r['load'] / MiB:.0f} "
               f"| {r['trace'] / MiB:.0f} | {r['anon'] / MiB:.0f} | {r['file'] / MiB:.0f} "
-              f"| {(r['anon'] - r['weights']) / MiB:.0f} | {r['load_s']:.1f} "
+              f"| {(r['trace'] - r['weights']) / MiB:.0f} | {r['load_s']:.1f} "
               f"| {r['trace_s']:.1f} |")
     total = sum(r["trace"] for r in results)
     anon = sum(r["anon"] for r in results)
