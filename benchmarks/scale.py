@@ -3,7 +3,7 @@
 What is measured
 ----------------
 A random Llama of about 1B parameters (default: 16 layers, hidden 2048, 16 heads, 8
-key/value heads, intermediate 5632, vocab 32000; float32, 3.5 GB) is written once by
+key/value heads, intermediate 5632, vocab 32000; float32, 3.3 GiB) is written once by
 ``nd.testing.make_tiny_model`` (deterministic random weights, its own small tokenizer), in
 a forked child so that this process never holds the weights. Then ``tp × pp`` ranks are
 forked (``nnsight_dist.testing.ranks.run_ranks``, gloo on CPU); each loads
@@ -77,7 +77,7 @@ def _rank(rank: int, path: str, tp: int, pp: int) -> dict:
 
 
 def _build(args: argparse.Namespace) -> float:
-    """Write the model in a forked child (its 3.5 GB stay out of this process); seconds taken."""
+    """Write the model in a forked child (its weights stay out of this process); seconds taken."""
     start = time.perf_counter()
     child = mp.get_context("fork").Process(target=nd.testing.make_tiny_model, args=(args.dir,), kwargs=dict(
         layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads,
@@ -114,10 +114,10 @@ def main(argv: list[str] | None = None) -> int:
           "| peak − weights MiB | load s | trace s |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for rank, r in enumerate(results):
-        print(f"| {rank} | {r['where']} | {r['base'] / MiB:.0f} ({r['base_anon'] / MiB:.0f}) | {r['weights'] / MiB:.0f} | {r['load'] / MiB:.0f} "
-              f"| {r['trace'] / MiB:.0f} | {r['anon'] / MiB:.0f} | {r['file'] / MiB:.0f} "
-              f"| {(r['trace'] - r['weights']) / MiB:.0f} | {r['load_s']:.1f} "
-              f"| {r['trace_s']:.1f} |")
+        cells = [rank, r["where"], f"{r['base'] / MiB:.0f} ({r['base_anon'] / MiB:.0f})",
+                 *(f"{r[k] / MiB:.0f}" for k in ("weights", "load", "trace", "anon", "file")),
+                 f"{(r['trace'] - r['weights']) / MiB:.0f}", f"{r['load_s']:.1f}", f"{r['trace_s']:.1f}"]
+        print("| " + " | ".join(map(str, cells)) + " |")
     total = sum(r["trace"] for r in results)
     anon = sum(r["anon"] for r in results)
     print(f"\nsum of the ranks' peaks: {total / 2**30:.2f} GiB, of their own memory after the trace: "
