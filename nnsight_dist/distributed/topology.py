@@ -46,20 +46,32 @@ def _int(env: dict, *names: str) -> Optional[int]:
 
 
 def _first_host(nodelist: str) -> str:
-    """The first host of a SLURM node list (``node[01-04,07]`` -> ``node01``)."""
+    """The first host of a SLURM node list: ``node[01-04,07]`` -> ``node01``,
+    ``n1,n2`` -> ``n1``, ``rack[1-2]-ib[3,5]`` -> ``rack1-ib3`` (``scontrol`` when present)."""
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=10)
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.split()[0]
     except (OSError, subprocess.SubprocessError):
         pass
-    m = re.match(r"([^,\[]+)(?:\[([^\],]+))?", nodelist)
-    if m is None:
-        return nodelist
-    prefix, ranges = m.group(1), m.group(2)
-    if not ranges:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
+    first = re.split(r",(?![^\[]*\])", nodelist.strip())[0]  # commas outside brackets part hosts
+    return re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0], first)
+
+
+def _srun(env: dict) -> Optional[Launch]:
+    """The launch as SLURM's ``srun`` describes it, or ``None`` outside an ``srun`` task.
+
+    Ranks meet on the first host of the step's node list (where ``srun`` places task 0),
+    on ``MASTER_PORT`` or else ``20000 + job id mod 20000`` (as ``launch/slurm.sbatch``).
+    """
+    if "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:
+        return None
+    nodes = next((env[k] for k in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST") if env.get(k)),
+                 "127.0.0.1")
+    addr = env.get("MASTER_ADDR") or _first_host(nodes)
+    port = _int(env, "MASTER_PORT") or 20000 + (_int(env, "SLURM_JOB_ID") or 0) % 20000
+    return Launch("srun", int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), _int(env, "SLURM_LOCALID") or 0,
+                  addr, port)
 
 
 def discover(env: Optional[dict] = None) -> Launch:
@@ -72,17 +84,17 @@ def discover(env: Optional[dict] = None) -> Launch:
     if "OMPI_COMM_WORLD_RANK" in env:
         return Launch("mpirun", int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
                       _int(env, "OMPI_COMM_WORLD_LOCAL_RANK") or 0, env.get("MASTER_ADDR", ""), port)
+    srun = _srun(env)
     if "PMI_RANK" in env or "PMIX_RANK" in env:
         rank = _int(env, "PMI_RANK", "PMIX_RANK")
-        size = _int(env, "PMI_SIZE", "OMPI_UNIVERSE_SIZE", "PMIX_SIZE") or 1
-        return Launch("mpirun", rank, size, _int(env, "MPI_LOCALRANKID", "PMI_LOCAL_RANK") or 0,
+        size = _int(env, "PMI_SIZE", "OMPI_UNIVERSE_SIZE", "PMIX_SIZE")
+        # ``srun --mpi=pmi2|pmix`` sets these too (PMIx without a size): then srun's view is the
+        # launch. A differing rank or size means mpirun started this process inside a job.
+        if srun is not None and srun.rank == rank and size in (None, srun.world_size):
+            return srun
+        return Launch("mpirun", rank, size or 1, _int(env, "MPI_LOCALRANKID", "PMI_LOCAL_RANK") or 0,
                       env.get("MASTER_ADDR", ""), port)
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        addr = env.get("MASTER_ADDR") or _first_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1")))
-        job = _int(env, "SLURM_JOB_ID") or 0
-        return Launch("srun", int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), _int(env, "SLURM_LOCALID") or 0,
-                      addr, _int(env, "MASTER_PORT") or 20000 + job % 20000)
-    return Launch("single", 0, 1, 0, "127.0.0.1", port)
+    return srun or Launch("single", 0, 1, 0, "127.0.0.1", port)
 
 
 def _mpi_master(launch: Launch) -> str:

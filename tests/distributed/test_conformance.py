@@ -2,7 +2,9 @@
 
 Every hard case of DESIGN.md §5 is a named value of ``scenarios.trace_values``; each
 topology runs it on real forked gloo ranks and must match the single-process values within
-1e-4 relative, and be bit-identical across the ranks of the run.
+1e-4 relative, and be bit-identical across the ranks of the run. At world size 8
+(tp=2 × pp=2 × dp=2) the replicas also trace prompts of their own, each compared with one
+process on that prompt.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import torch
 import nnsight_dist as nd
 from nnsight_dist.testing.ranks import run_ranks
 
-from .scenarios import trace_values
+from .scenarios import PROMPTS, trace_values
 
 TOPOLOGIES = {  # name: (world, tp, pp)
     "tp2": (2, 2, 1),
     "pp2": (2, 1, 2),
     "tp2_pp2": (4, 2, 2),
     "tp2_dp2": (4, 2, 1),
+    "tp2_pp2_dp2": (8, 2, 2),
 }
 
 
@@ -40,7 +43,7 @@ def test_conformance(reference, topology):
     world, tp, pp = TOPOLOGIES[topology]
     results = run_ranks(_rank_values, world, path, tp, pp, timeout=180, env={"NNSIGHT_DIST_TIMEOUT": "60"})
     assert len(expected) >= 20
-    gathered_on = [0] + ([world // 2] if topology == "tp2_dp2" else [])  # each replica's first rank
+    gathered_on = list(range(0, world, tp * pp))  # each replica's first rank
     for rank, values in enumerate(results):
         names = set(expected) if rank in gathered_on else {k for k in expected if not k.startswith("sharded_")}
         assert set(values) == names, f"{topology} rank {rank}: {sorted(set(values) ^ names)}"
@@ -53,3 +56,38 @@ def test_conformance(reference, topology):
     for rank, values in enumerate(results[1:], 1):
         for name in values:
             assert torch.equal(values[name], results[0][name]), f"{topology}: {name} differs on rank {rank}"
+
+
+def _replica_values(rank: int, path: str) -> dict:
+    """Each dp replica traces its own prompt: reads on both stages, an edit, and generation."""
+    model = nd.LanguageModel(path, tp=2, pp=2)
+    return _own_prompt_values(model, PROMPTS[model.topology.dp_rank])
+
+
+def _own_prompt_values(model, prompt: str) -> dict:
+    layers = model.model.layers
+    with model.trace(prompt):
+        h0 = layers[0].output.save()
+        h3 = layers[3].output.save()
+    with model.trace(prompt):
+        layers[1].mlp.output[:] = 0
+        edited = model.lm_head.output.save()
+    with model.generate(prompt, max_new_tokens=2, do_sample=False) as tracer:
+        tokens = tracer.result.save()
+    return {"stage0": h0, "stage1": h3, "edited_logits": edited, "generated": tokens}
+
+
+def test_replicas_trace_their_own_prompts(reference):
+    """tp=2 × pp=2 × dp=2: replica d traces PROMPTS[d] and must match one process on that
+    prompt (the two prompts differ in length, so mixing replicas cannot pass)."""
+    path, _ = reference
+    model = nd.LanguageModel(path)
+    expected = [_own_prompt_values(model, prompt) for prompt in PROMPTS]
+    assert expected[0]["stage0"].shape != expected[1]["stage0"].shape
+    results = run_ranks(_replica_values, 8, path, timeout=180, env={"NNSIGHT_DIST_TIMEOUT": "60"})
+    for rank, values in enumerate(results):
+        want = expected[rank // 4]
+        for name in want:
+            torch.testing.assert_close(values[name], want[name], rtol=1e-4, atol=1e-5,
+                                       msg=lambda m: f"rank {rank} {name}: {m}")
+            assert torch.equal(values[name], results[rank // 4 * 4][name]), f"{name} differs on rank {rank}"
