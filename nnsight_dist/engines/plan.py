@@ -34,7 +34,7 @@ class Plan:
     ``parameter_bytes``: rank -> bytes of the parameters it holds (its stage's, the
     tensor-parallel ones its slice of); ``activations``: bytes per token of one layer's
     values on one rank: ``hidden_states`` (whole on every rank) and ``intermediate`` (the
-    widest linear output inside a layer on one rank, with its ``path``).
+    widest other value inside a layer on one rank, with its ``path``).
     """
 
     model_type: str
@@ -180,13 +180,14 @@ def plan(config_or_dir: Union[str, os.PathLike, Any], tp: int = 1, pp: int = 1,
 
 def _activations(model: torch.nn.Module, table: dict[str, Placement], config: Any, root: str, tp: int,
                  size: int) -> dict[str, Any]:
-    """Bytes per token of the hidden states and of the widest linear output inside layer 0
-    on one rank (its ``out_features``, the widest rank's slice when its output is a shard)."""
+    """Bytes per token of the hidden states and of the widest intermediate of layer 0 on one
+    rank: the linear outputs that are not of the hidden width (those are hidden states
+    again), each ``out_features`` wide, or the widest rank's slice when it is a shard."""
     hidden = config.hidden_size * size
     widest = {"path": None, "bytes": 0}
     for name, module in model.named_modules():
         path = f"{root}.{name}"
-        if ".layers.0." not in path or not hasattr(module, "out_features"):
+        if ".layers.0." not in path or getattr(module, "out_features", config.hidden_size) == config.hidden_size:
             continue
         width = module.out_features
         if shard_dim(table[path].output) is not None:
