@@ -59,11 +59,12 @@ class Plan:
 
     def rows(self) -> list[tuple[str, str, str, str, str]]:
         """The table's rows ``(path, stage, ranks, input, output)``, runs of layers with the
-        same placements on the same stage written once as ``layers.{a..b}``."""
+        same placements on the same stage written once as ``layers.{a..b}`` (grouped on a
+        path's first index, the layer's)."""
         groups: dict[tuple, list[int]] = {}
         order: list[tuple] = []
         for path, p in self.placements.items():
-            m = re.match(r"^(.*\.layers\.)(\d+)((?:\..*)?)$", path)
+            m = re.match(r"^(.*?\.)(\d+)((?:\..*)?)$", path)  # the first index: a layer's
             key = (m.group(1), m.group(3), p.owner_stage, p.input, p.output) if m else (path,)
             if key not in groups:
                 groups[key] = []
@@ -93,17 +94,19 @@ class Plan:
             ranks = [stage * self.tp + t for t in range(self.tp)]
             sizes = {self.parameter_bytes[r] for r in ranks}
             # The tensor-parallel ranks of a stage usually hold equal slices: one line for them.
-            for rank in ranks if len(sizes) > 1 else [ranks[0]]:
-                who = f"rank {rank}" if len(sizes) > 1 else (f"ranks {ranks[0]}-{ranks[-1]}" if len(ranks) > 1 else f"rank {rank}")
+            each = len(sizes) == 1 and len(ranks) > 1
+            for rank in [ranks[0]] if len(sizes) == 1 else ranks:
+                who = f"ranks {ranks[0]}-{ranks[-1]}" if each else f"rank {rank}"
                 b = self.parameter_bytes[rank]
                 lines.append(f"  {who} (stage {stage}, layers {start}..{end - 1}): {b / GIB:.2f} GiB ({b} bytes)"
-                             + (" each" if len(sizes) == 1 and len(ranks) > 1 else ""))
+                             + (" each" if each else ""))
         total = sum(self.parameter_bytes.values())
         lines.append(f"  all ranks: {total / GIB:.2f} GiB")
         a = self.activations
         lines += ["", "activations per token per layer, on one rank:",
                   f"  hidden states: {a['hidden_states']} bytes",
-                  f"  widest intermediate: {a['intermediate']['path']}.output, {a['intermediate']['bytes']} bytes"]
+                  f"  widest intermediate: {a['intermediate']['path']}.output, {a['intermediate']['bytes']} bytes"
+                  if a["intermediate"]["path"] else "  widest intermediate: no linear module of another width"]
         return "\n".join(lines)
 
 
