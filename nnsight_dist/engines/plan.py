@@ -11,7 +11,6 @@ the bytes each rank holds and the activation bytes per token.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -133,12 +132,9 @@ def _config(config_or_dir: Any) -> Any:
 
     if not isinstance(config_or_dir, (str, os.PathLike)):
         return config_or_dir
-    path = str(config_or_dir)
-    if os.path.isdir(path):
-        return transformers.AutoConfig.from_pretrained(path)
-    with open(path) as f:
-        data = json.load(f)
-    return transformers.AutoConfig.for_model(**data)
+    if not os.path.exists(config_or_dir):  # not a hub name: planning downloads nothing
+        raise FileNotFoundError(f"{config_or_dir}: no such checkpoint directory or config.json")
+    return transformers.AutoConfig.from_pretrained(str(config_or_dir))  # a directory or its config.json
 
 
 def plan(config_or_dir: Union[str, os.PathLike, Any], tp: int = 1, pp: int = 1,
@@ -151,14 +147,13 @@ def plan(config_or_dir: Union[str, os.PathLike, Any], tp: int = 1, pp: int = 1,
     Raises :class:`UnshardableModel` (the engine's check) when the degrees do not split the
     model, :class:`TopologyError` when a degree is not a positive integer.
     """
-    tp, pp = _degree("tp", tp), _degree("pp", pp)
+    tp, pp = _degree("tp", tp) or 1, _degree("pp", pp) or 1
     config = _config(config_or_dir)
     engine.check(config, tp, pp)
-    dtype = dtype or getattr(config, "dtype", None) or torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
+    asked = dtype or getattr(config, "dtype", None) or torch.float32
+    dtype = getattr(torch, asked, None) if isinstance(asked, str) else asked
     if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"dtype={dtype!r} is not a torch dtype: use e.g. 'bfloat16', 'float16' or 'float32'")
+        raise ValueError(f"dtype={asked!r} is not a torch dtype: use e.g. 'bfloat16', 'float16' or 'float32'")
     model = engine.meta_model(config, dtype)
     # Rank 0 of one replica: the table's ranks are the replica's (0 .. pp·tp-1).
     topo = Topology(pp * tp, 0, 0, 1, pp, tp, launcher="plan", device=torch.device("meta"))
@@ -188,9 +183,10 @@ def _activations(model: torch.nn.Module, table: dict[str, Placement], config: An
     again), each ``out_features`` wide, or the widest rank's slice when it is a shard."""
     hidden = config.hidden_size * size
     widest = {"path": None, "bytes": 0}
+    first = f"{root}.{model.base_model_prefix}.layers.0."
     for name, module in model.named_modules():
         path = f"{root}.{name}"
-        if ".layers.0." not in path or getattr(module, "out_features", config.hidden_size) == config.hidden_size:
+        if not path.startswith(first) or getattr(module, "out_features", config.hidden_size) == config.hidden_size:
             continue
         width = module.out_features
         if shard_dim(table[path].output) is not None:
