@@ -108,8 +108,15 @@ def test_cli_prints_70b_table(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_paths(tmp_path_factory):
-    return {arch: nd.testing.make_tiny_model(str(tmp_path_factory.mktemp(arch)), arch=arch, heads=4, kv_heads=2)
-            for arch in ("llama", "qwen2")}
+    paths = {arch: nd.testing.make_tiny_model(str(tmp_path_factory.mktemp(arch)), arch=arch, heads=4, kv_heads=2)
+             for arch in ("llama", "qwen2")}
+    # The llama with its embedding and lm_head tied: one tensor, held by both end stages.
+    model = transformers.AutoModelForCausalLM.from_pretrained(paths["llama"])
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    paths["llama_tied"] = str(tmp_path_factory.mktemp("llama_tied"))
+    model.save_pretrained(paths["llama_tied"])
+    return paths
 
 
 def _loaded(rank: int, path: str, tp: int, pp: int) -> dict:
@@ -124,7 +131,7 @@ def _loaded(rank: int, path: str, tp: int, pp: int) -> dict:
     return {"placements": json.dumps(table), "bytes": sum(held.values())}
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "llama_tied"])
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
 def test_plan_matches_loaded_ranks(tiny_paths, arch, tp, pp):
     path = tiny_paths[arch]
