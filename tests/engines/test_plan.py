@@ -116,6 +116,7 @@ def tiny_paths(tmp_path_factory):
     model.lm_head.weight = model.model.embed_tokens.weight
     paths["llama_tied"] = str(tmp_path_factory.mktemp("llama_tied"))
     model.save_pretrained(paths["llama_tied"])
+    transformers.AutoTokenizer.from_pretrained(paths["llama"]).save_pretrained(paths["llama_tied"])
     return paths
 
 
