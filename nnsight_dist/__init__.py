@@ -29,6 +29,7 @@ from .intervention.errors import (
 from .modeling.language_model import LanguageModel, TransformersModel
 from .config import CONFIG
 from .modeling.nnsight import NNsight
+from .engines.plan import Plan, plan
 from .intervention.save import save
 from .store.collect import collect_activations
 from .store.data import split_for_replica
@@ -39,6 +40,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Placement",
+    "Plan",
+    "plan",
     "Topology",
     "broadcast_object",
     "gather_object",

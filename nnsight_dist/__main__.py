@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 #: returns the exit status.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("nnsight_dist.cli.info", "main_info"),
+    "plan": ("nnsight_dist.cli.plan", "main_plan"),
     # Collection (the lead's): runs under torchrun / mpirun / srun.
     "cache": ("nnsight_dist.cli.cache", "main_cache"),
 }

@@ -325,3 +325,58 @@ def attach_pipeline(model: torch.nn.Module, topo: Topology, interleaver: Any, ro
             return out
 
         points[f"{root}.lm_head"].after = send_logits
+
+
+def meta_model(config: Any, dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
+    """The causal LM of ``config`` on the meta device: its module tree and its plans
+    (``tp_plan``, layer split), no weights, nothing allocated, no process group."""
+    import transformers
+
+    with torch.device("meta"):
+        return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+@contextlib.contextmanager
+def _recorded_shards(found: list):
+    # Each style's ``shard_param`` decides a parameter's placement and hands it to
+    # ``distribute_tensor``; recording that call reads the decision without a mesh.
+    from transformers.distributed import tensor_parallel
+
+    def record(tensor: torch.Tensor, mesh: Any, placements: Any, **kwargs: Any) -> torch.Tensor:
+        found.append(placements[0])
+        return tensor
+
+    saved = tensor_parallel.distribute_tensor
+    tensor_parallel.distribute_tensor = record
+    try:
+        yield
+    finally:
+        tensor_parallel.distribute_tensor = saved
+
+
+def parameter_shards(model: torch.nn.Module, topo: Topology) -> dict[str, tuple[int, ...]]:
+    """Each parameter's element count on tensor-parallel rank ``0..tp-1``, as transformers
+    shards it: its plan expanded to parameters, each style's own ``shard_param`` choosing
+    the placement (a ``Shard(d)`` splits dimension ``d`` as DTensor does, the last rank
+    holding the shorter slice; anything else is replicated). ``model`` is a meta model
+    (:func:`meta_model`); tied parameters are listed under every name."""
+    from torch.distributed.tensor import Shard
+    from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES
+
+    styles = model._expand_parallel_plan(dict(model.tp_plan)) if topo.tp > 1 else {}
+    modules = dict(model.named_modules())
+    counts = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        whole = param.numel()
+        counts[name] = (whole,) * topo.tp
+        if name not in styles:
+            continue
+        module_name, _, param_name = name.rpartition(".")
+        found: list = []
+        with _recorded_shards(found):
+            ALL_PARALLEL_STYLES[styles[name]].shard_param(modules[module_name], param_name, None)
+        if found and isinstance(found[0], Shard):
+            size = param.shape[found[0].dim % param.dim()]
+            counts[name] = tuple(whole // size * Shard.local_shard_size_and_offset(size, topo.tp, t)[0]
+                                 for t in range(topo.tp))
+    return counts
