@@ -178,7 +178,10 @@ def _run_spec(model: Any, docs: Documents, entries: list[Entry], batch_size: int
     return {
         "format": FORMAT, "version": VERSION,
         "model": {"name": str(getattr(model.config, "_name_or_path", "") or type(model._module).__name__),
-                  "root": model.path, "config_sha256": _model_fingerprint(model)},
+                  "root": model.path, "config_sha256": _model_fingerprint(model),
+                  # how it computes: the same weights in another dtype give other values
+                  "dtype": dtype_name(next((p.dtype for p in model._module.parameters()), torch.float32)),
+                  "attention": str(getattr(model.config, "_attn_implementation", None))},
         "data": {"fingerprint": docs.fingerprint, "documents": len(docs)},
         "options": {"batch_size": batch_size, "max_length": max_length,
                     "dtype": None if dtype is None else dtype_name(dtype), "include_inputs": include_inputs,

@@ -73,20 +73,21 @@ class Documents:
                              "(a 'text' field per line) file")
         self._path, self._field, self._texts = path, "text" if kind == ".jsonl" else None, None
         starts: list[int] = []
+        self._starts = starts  # filled as the lines are read (the first one may carry a BOM)
         digest = hashlib.sha256()
         offset = 0
         with open(path, "rb") as f:
             for line in f:
-                if line.strip():
+                if line.strip(b" \t\r\n\xef\xbb\xbf" if offset == 0 else None):
                     starts.append(offset)
                     _add(digest, self._decode(line, len(starts) - 1).encode())
                 offset += len(line)
-        self._starts = starts
         self.fingerprint = digest.hexdigest()
         self.source = path
 
     def _decode(self, line: bytes, index: int) -> str:
-        text = line.decode("utf-8").rstrip("\r\n")
+        # A byte-order mark opening the file is not part of the first document.
+        text = line.decode("utf-8-sig" if self._starts_at_zero(index) else "utf-8").rstrip("\r\n")
         if self._field is None:
             return text
         try:
@@ -98,6 +99,10 @@ class Documents:
         if not isinstance(value, str):
             raise StoreError(f"{self._path}: the '{self._field}' of document {index} is not a string")
         return value
+
+    def _starts_at_zero(self, index: int) -> bool:
+        starts = getattr(self, "_starts", None)
+        return bool(starts) and index < len(starts) and starts[index] == 0
 
     def __len__(self) -> int:
         return len(self._texts) if self._texts is not None else len(self._starts)

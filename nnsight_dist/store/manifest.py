@@ -19,29 +19,33 @@ from safetensors.torch import save as save_bytes
 
 from ..distributed.exchange import broadcast_object, gather_object
 from .format import (MANIFEST, STAT_NAMES, STATS, TOKENS, StoreError, atomic_write, chunk_name, dtype_name,
-                     read_rows, write_json)
+                     read_rows, read_tensors, write_json)
 from .plan import Entry
 
 
 def finish(out_dir: str, run: dict, topo: Any, entries: list[Entry], records: dict, n_chunks: int) -> None:
     """Every rank's records and statistics to rank 0, which writes the manifest last."""
     stats: dict[str, dict[str, torch.Tensor]] = {}
-    for name, record in records.items():
-        if name.startswith(TOKENS + "/"):
-            continue
-        entry = name.split("/")[0]
-        totals = stats.setdefault(entry, {})
-        for stat in STAT_NAMES:
-            value = read_rows(out_dir, record, name=stat)
-            totals[stat] = value if stat not in totals else totals[stat] + value
-        totals["count"] = totals.get("count", 0) + record["rows"]
+    problem = ""
+    try:
+        for name, record in records.items():
+            if name.startswith(TOKENS + "/") or not record["rows"]:
+                continue  # the tokens index has no statistics; an empty chunk adds none
+            totals = stats.setdefault(name.split("/")[0], {})
+            for stat, value in read_tensors(out_dir, record, STAT_NAMES).items():
+                totals[stat] = value if stat not in totals else totals[stat] + value
+            totals["count"] = totals.get("count", 0) + record["rows"]
+    except (OSError, StoreError) as e:  # told to every rank through rank 0
+        problem = f"rank {topo.rank}: {e}"
     mine = {"rank": [topo.dp_rank, topo.pp_rank, topo.tp_rank], "chunks": n_chunks,
-            "records": records, "stats": stats}
+            "records": records, "stats": stats, "problem": problem}
     everyone = gather_object(mine, dst=0) if topo.distributed else [mine]
     error = ""
     if topo.rank == 0:
+        error = next((part["problem"] for part in everyone if part["problem"]), "")
         try:
-            _write_manifest(out_dir, run, entries, everyone)
+            if not error:
+                _write_manifest(out_dir, run, entries, everyone)
         except (OSError, StoreError) as e:
             error = f"rank 0 could not write the manifest of {out_dir}: {e}"
     error = broadcast_object(error, 0) if topo.distributed else error

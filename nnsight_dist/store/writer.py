@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .format import ROWS, write_chunk
+from .format import ROWS, TOKENS, write_chunk
 
 _END = object()
 
@@ -40,7 +40,6 @@ class ChunkWriter:
         self.bytes_written = 0
         self._queue: queue.Queue = queue.Queue(max_pending)
         self._error: Optional[BaseException] = None
-        self._abandoned = False
         self._thread = threading.Thread(target=self._run, name="nnsight_dist-store-writer", daemon=True)
         self._thread.start()
 
@@ -60,13 +59,8 @@ class ChunkWriter:
         self._raise()
 
     def abandon(self) -> None:
-        """Stop after the collection failed: drop what is queued, keep what is written."""
-        self._abandoned = True
-        while True:
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
+        """Stop after the collection failed: chunks already ended are written (at most the
+        queue's few batches), the rows of a chunk that was not ended are dropped."""
         if self._thread.is_alive():
             self._queue.put((_END, None))
             self._thread.join()
@@ -92,7 +86,7 @@ class ChunkWriter:
             kind, payload = self._queue.get()
             if kind is _END:
                 return
-            if self._error is not None or self._abandoned:
+            if self._error is not None:
                 continue
             try:
                 if kind == "rows":
@@ -100,6 +94,8 @@ class ChunkWriter:
                         pending.setdefault(name, []).append(rows)
                 else:
                     for name, parts in pending.items():
+                        # A batch of empty documents has no rows (nor a dtype or shape to keep).
+                        parts = [p for p in parts if p.numel()] or parts[:1]
                         self._write(name, torch.cat(parts) if len(parts) > 1 else parts[0])
                     pending = {}
             except BaseException as error:  # raised on the collecting thread
@@ -107,6 +103,6 @@ class ChunkWriter:
 
     def _write(self, name: str, rows: torch.Tensor) -> None:
         tensors = {ROWS: rows}
-        if rows.is_floating_point():
+        if not name.startswith(TOKENS + "/"):  # an entry (integer ones too): its statistics
             tensors.update(row_stats(rows))
         self.bytes_written += write_chunk(self.root, name, tensors)["bytes"]

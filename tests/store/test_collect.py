@@ -222,3 +222,32 @@ def test_max_length_and_dtype(model, store, tmp_path):
     assert short["model.layers.1.mlp"].dtype == torch.bfloat16
     keep = store.tokens()["position"] < 5  # the first 5 tokens see the same context when cut
     torch.testing.assert_close(short["model.layers.1.mlp"][:], store["model.layers.1.mlp"][keep].to(torch.bfloat16))
+
+
+def test_integer_entries_and_empty_documents(model, tmp_path):
+    """The embedding's input (token ids) is an entry like any other; documents that tokenize
+    to nothing give no rows and leave the chunk's dtype alone."""
+    docs = ["a b", "", "c d", "", "", "the tower"]
+    got = nd.collect_activations(model, docs, ["model.embed_tokens", "model.layers.0"], str(tmp_path / "s"),
+                                 batch_size=1, chunk_batches=2, include_inputs=True, dtype=torch.bfloat16,
+                                 progress=False)
+    ids = got.tokens()["token_id"]
+    assert torch.equal(got["model.embed_tokens.input"][:], ids)
+    assert got["model.layers.0"].dtype == torch.bfloat16 and got["model.layers.0"][:].shape[0] == len(ids)
+    assert got.stats("model.embed_tokens.input")["count"] == len(ids)
+    assert sorted(set(got.tokens()["document"].tolist())) == [0, 2, 5]
+
+
+def test_resume_refuses_the_model_in_another_dtype(tiny, tmp_path):
+    out = str(tmp_path / "s")
+    nd.collect_activations(nd.LanguageModel(tiny), DOCS, PATTERNS, out, batch_size=4, progress=False)
+    with pytest.raises(nd.StoreError, match="different model"):
+        nd.collect_activations(nd.LanguageModel(tiny, dtype=torch.bfloat16), DOCS, PATTERNS, out, batch_size=4,
+                               progress=False)
+
+
+def test_a_byte_order_mark_is_not_text(model, store, tmp_path):
+    txt = tmp_path / "bom.txt"
+    txt.write_bytes(b"\xef\xbb\xbf" + ("\n".join(DOCS) + "\n").encode())
+    assert Documents(str(txt)).fingerprint == Documents(DOCS).fingerprint
+    assert Documents(str(txt)).read(range(0, 1)) == DOCS[:1]
