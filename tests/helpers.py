@@ -21,6 +21,11 @@ def example(name: str):
     return importlib.import_module(name)
 
 
+def last_token_loss(logits, row: int = 0):
+    """A scalar loss of the logits: the log-sum-exp at the last position of ``row``."""
+    return logits[row, -1].logsumexp(-1)
+
+
 def read_csv(path: str) -> list[dict[str, str]]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))

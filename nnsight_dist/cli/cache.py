@@ -16,6 +16,8 @@ from typing import Optional
 
 import torch
 
+from ..store.format import StoreError, dtype_of
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nnsight_dist cache",
@@ -42,10 +44,10 @@ def parser() -> argparse.ArgumentParser:
 def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
     if name is None:
         return None
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise SystemExit(f"unknown dtype {name!r} (e.g. float32, bfloat16, float16)")
-    return dtype
+    try:
+        return dtype_of(name)
+    except StoreError:
+        raise SystemExit(f"unknown dtype {name!r} (e.g. float32, bfloat16, float16)") from None
 
 
 def main_cache(argv: list[str]) -> int:

@@ -82,7 +82,7 @@ class CheckMode:
         if not self.checking or self.topo.tp == 1:
             return
         logs = all_gather_json(self._checks, self.topo.group("tp"), self.topo.tp, self.failures)
-        ranks = [self.topo.rank_of(self.topo.pp_rank, t) for t in range(self.topo.tp)]
+        ranks = self.failures.members("tp")
         for i in range(max(len(log) for log in logs)):
             entries = [tuple(log[i]) if i < len(log) else None for log in logs]
             if len(set(entries)) == 1:

@@ -79,7 +79,7 @@ def gather_cache(topo: Topology, failures: Failures, cache: Any, placements: dic
     target = ranks[dst]
     if topo.rank != target:
         for t in tensors:
-            dist.send(t.contiguous(), dst=target, group=group)
+            _wait_p2p(dist.isend(t.contiguous(), dst=target, group=group), topo, "cache.gather's delivery to", target)
         return None
     received: list[list[torch.Tensor]] = []
     for rank, meta in zip(ranks, metas):
@@ -89,7 +89,7 @@ def gather_cache(topo: Topology, failures: Failures, cache: Any, placements: dic
         got = []
         for dtype, shape in meta["tensors"]:
             t = torch.empty(shape, dtype=_DTYPES[dtype])
-            dist.recv(t, src=rank, group=group)
+            _wait_p2p(dist.irecv(t, src=rank, group=group), topo, "cache.gather's fragments from", rank)
             got.append(t)
         received.append(got)
     pieces: dict[tuple[str, str], list[tuple[int, Any, bool]]] = {}
@@ -114,6 +114,16 @@ def gather_cache(topo: Topology, failures: Failures, cache: Any, placements: dic
 _GATHER, _BROADCAST = 1, 2
 _NAMES = {_GATHER: ("nd.gather_object", "dst"), _BROADCAST: ("nd.broadcast_object", "src")}
 _BROKEN = "nnsight_dist/objects/broken"
+
+
+def _wait_p2p(work: Any, topo: Topology, what: str, peer: int) -> None:
+    """Wait for a point-to-point ``work`` (gloo reports one completed only to a waiter, so it
+    is waited on, not polled), at most the topology's timeout."""
+    try:
+        work.wait(timedelta(seconds=topo.timeout))
+    except (RuntimeError, dist.DistError) as e:
+        raise RouterTimeout(f"rank {topo.rank} waited for {what} rank {peer}, which failed or never came "
+                            f"within {topo.timeout:g} s ({e})") from e
 
 
 def gather_object(obj: Any, dst: int = 0) -> Optional[list]:
@@ -185,6 +195,9 @@ class _Call:
     def run(self, meta: bytes, tensors: list[torch.Tensor], problem: str) -> Any:
         self._check_broken()
         lost_contact(lambda: self.store.set(self._arrived(self.topo.rank), self.call), "the job's store")
+        if self.number > 2:  # every rank is past call n - 2: its arrival marks are not read again
+            lost_contact(lambda: self.store.delete_key(self._arrived(self.topo.rank, self.number - 2)),
+                         "the job's store")
         body = _bytes(meta, tensors)
         said = problem.encode()
         # (call, root, bytes of meta or -1 when the value cannot be sent, bytes of the message or of the reason)
@@ -231,8 +244,8 @@ class _Call:
         reasons = "; ".join(f"rank {r}: {parts[r][: int(headers[r][3])].numpy().tobytes().decode()}" for r in failed)
         return f"{self.call} could not send the value of rank(s) {failed}: {reasons}"
 
-    def _arrived(self, rank: int) -> str:
-        return f"nnsight_dist/objects/{self.number}/{rank}"
+    def _arrived(self, rank: int, number: Optional[int] = None) -> str:
+        return f"nnsight_dist/objects/{self.number if number is None else number}/{rank}"
 
     def _check_broken(self) -> None:
         """Raise when an earlier call timed out somewhere: the ranks' exchanges are out of step."""

@@ -270,7 +270,9 @@ class LayoutCodec(Codec):
         return torch.cat(parts, dim=dim)
 
     def part(self, t: torch.Tensor, dim: Optional[int], partial: bool) -> torch.Tensor:
-        """This rank's fragment of the whole tensor ``t`` (a new tensor, never a view of ``t``)."""
+        """This rank's fragment of the whole tensor ``t`` (a new tensor, never a view of ``t``:
+        an autograd function must not return a view of its input, and the engine must not
+        continue with a tensor that aliases the whole value a body may have saved)."""
         if partial:
             return t.clone() if self.tp_rank == 0 else torch.zeros_like(t)
         size = t.shape[dim] // self.tp

@@ -30,6 +30,7 @@ from typing import Any, Optional
 import torch
 
 from ..distributed.exchange import broadcast_object, gather_object
+from ..distributed.placement import _first_value
 from ..intervention.errors import RemoteError
 from .data import Documents, replica_range
 from .format import (FORMAT, MANIFEST, RUN, STATS, TOKENS, VERSION, StoreError, chunk_name, complete, dtype_name,
@@ -96,7 +97,7 @@ def collect_activations(model: Any, data: Any, modules: Any, out_dir: str, *, ba
         return named
 
     skip = _agree(out_dir, topo, [c for c in range(len(chunks)) if all(complete(out_dir, f) for f in files(c).values())])
-    recorder = _Recorder(model, entries, dtype)
+    recorder = _Recorder(model, entries, {e.name for e in mine}, dtype)
     writer = ChunkWriter(out_dir)
     bar = _Bar(progress and topo.rank == 0, len(share), writer)
     seam = model.interleaver.seam
@@ -300,11 +301,10 @@ def _tokenize(model: Any, texts: list[str], max_length: Optional[int]) -> list[l
 class _Recorder:
     """Runs one trace per batch and keeps the real tokens' rows of the entries this rank writes."""
 
-    def __init__(self, model: Any, entries: list[Entry], dtype: Optional[torch.dtype]) -> None:
-        topo = model.topology
+    def __init__(self, model: Any, entries: list[Entry], writes: set[str], dtype: Optional[torch.dtype]) -> None:
         self.model = model
         self.entries = entries
-        self.writes = {e.name for e in entries if e.writes(topo.pp_rank, topo.tp_rank)}
+        self.writes = writes  #: the names of the entries this rank writes
         self.dtype = dtype
         self.values: dict[str, torch.Tensor] = {}
         self.mask = torch.zeros((0, 0), dtype=torch.bool)
@@ -343,8 +343,7 @@ class _Recorder:
     def rows(self, entry: Entry, value: Any) -> torch.Tensor:
         """The rows of the real tokens of the stored element of ``value``."""
         if entry.key == "input":
-            args, kwargs = value
-            value = [*args, *kwargs.values()][0] if (args or kwargs) else None
+            value = _first_value(value)
         elif isinstance(value, (tuple, list)):
             value = value[0] if value else None
         elif isinstance(value, dict) or hasattr(value, "to_tuple"):

@@ -62,7 +62,6 @@ class Documents:
         for t in texts:
             _add(digest, t.encode())
         self.fingerprint = digest.hexdigest()
-        self.source = f"{len(texts)} strings"
 
     def _open_file(self, path: str) -> None:
         if not os.path.isfile(path):
@@ -83,7 +82,6 @@ class Documents:
                     _add(digest, self._decode(line, len(starts) - 1).encode())
                 offset += len(line)
         self.fingerprint = digest.hexdigest()
-        self.source = path
 
     def _decode(self, line: bytes, index: int) -> str:
         # A byte-order mark opening the file is not part of the first document.

@@ -175,21 +175,19 @@ def complete(root: str, name: str) -> Optional[dict]:
     return record
 
 
-def read_rows(root: str, record: dict, start: int = 0, stop: Optional[int] = None,
-              name: str = ROWS) -> torch.Tensor:
-    """Rows ``start:stop`` of a chunk file's tensor ``name``, memory-mapped; a missing,
-    truncated or corrupt file is a :class:`StoreError` naming it."""
-    return read_spans(root, record, [(start, stop)], name)[0]
+def read_rows(root: str, record: dict, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+    """Rows ``start:stop`` of a chunk file, memory-mapped; a missing, truncated or corrupt
+    file is a :class:`StoreError` naming it."""
+    return read_spans(root, record, [(start, stop)])[0]
 
 
-def read_spans(root: str, record: dict, spans: list[tuple[int, Optional[int]]],
-               name: str = ROWS) -> list[torch.Tensor]:
-    """Rows ``start:stop`` of a chunk file's tensor ``name`` for each ``(start, stop)`` of
+def read_spans(root: str, record: dict, spans: list[tuple[int, Optional[int]]]) -> list[torch.Tensor]:
+    """Rows ``start:stop`` of a chunk file for each ``(start, stop)`` of
     ``spans`` (``stop`` ``None``: to the end), the file opened and memory-mapped once;
     errors as :func:`read_rows`."""
     with _opened(root, record) as (path, f):
         try:
-            part = f.get_slice(name)
+            part = f.get_slice(ROWS)
             rows = part.get_shape()[0]
             return [part[start:rows if stop is None else stop] for start, stop in spans]
         except (SafetensorError, OSError, KeyError, ValueError) as e:

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import nnsight_dist as nd
+from helpers import last_token_loss
 from nnsight_dist.testing.ranks import run_ranks
 
 PROMPTS = ["The Eiffel Tower is in the city of", "Hello world, how are you today"]
@@ -30,10 +31,6 @@ def close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     another order when a matmul is split over the ranks)."""
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()),
                                msg=lambda m: f"{what}: {m}")
-
-
-def last_token_loss(logits: torch.Tensor) -> torch.Tensor:
-    return logits[0, -1].logsumexp(-1)
 
 
 def gradient_values(model, prompt: str) -> dict[str, torch.Tensor]:

@@ -55,6 +55,7 @@ def test_store_equals_one_process(reference, topology, gather_tp, tmp_path):
     store = nd.ActivationStore(out)
     assert store.modules == expected.modules
     assert store.num_tokens == expected.num_tokens
+    assert set(expected.tokens()) == {"document", "position", "token_id"}
     for column, values in expected.tokens().items():
         assert torch.equal(store.tokens()[column], values), column
     for name in expected.modules:

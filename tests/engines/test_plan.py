@@ -59,7 +59,7 @@ def test_llama3_70b_bytes_per_rank():
     expected = {}
     for rank in range(16):
         stage = rank // tp
-        count = 40 * (sharded_layer // tp + norms_layer)
+        count = layers // 2 * (sharded_layer // tp + norms_layer)  # pp=2: half the layers per stage
         count += embed // tp if stage == 0 else head // tp + h
         expected[rank] = count * size
     assert plan.parameter_bytes == expected
@@ -95,8 +95,6 @@ def test_cli_prints_70b_table(tmp_path):
     expected = nd.plan(str(path), tp=8, pp=2, dtype="bfloat16")
     text = out.stdout.rsplit("SECONDS", 1)[0].strip()
     assert text == str(expected)
-    for row in expected.rows():
-        assert row[0] in text
     assert "model.model.layers.{0..39}.self_attn " in text and "model.model.layers.{40..79}.mlp.down_proj " in text
     assert len(text.splitlines()) < 60  # 80 layers, grouped
     assert f"({expected.parameter_bytes[0]} bytes) each" in text

@@ -264,8 +264,8 @@ def test_reads_only_the_chunks_asked_for(built, monkeypatch):
     store, specs, written = built
     seen = []
     real = fmt.read_spans
-    monkeypatch.setattr(fmt, "read_spans", lambda root, record, spans, name=fmt.ROWS:
-                        seen.append((record["file"], list(spans))) or real(root, record, spans, name))
+    monkeypatch.setattr(fmt, "read_spans", lambda root, record, spans:
+                        seen.append((record["file"], list(spans))) or real(root, record, spans))
     first = written["chunks"][1]["first_row"]
     store["model.layers.1"][first + 2:first + 5]
     assert seen == [(_chunk_file(written, 1, "model.layers.1", t), [(2, 5)]) for t in range(3)]
@@ -339,8 +339,8 @@ def test_shuffle_buffer_is_bounded(built, monkeypatch):
     largest = []
     real = fmt.read_spans
 
-    def spy(root, record, spans, name=fmt.ROWS):
-        out = real(root, record, spans, name)
+    def spy(root, record, spans):
+        out = real(root, record, spans)
         largest.append(max(len(t) for t in out))
         return out
 

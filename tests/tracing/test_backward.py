@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import nnsight_dist as nd
+from helpers import last_token_loss
 from conftest import SAME_LEN, close, equal, hooked, nnsight_pair
 
 PROMPT = SAME_LEN[0]
@@ -51,10 +52,6 @@ def ref_run(tiny, prompts, layers, edits=None):
     with hooked(*[(L[i], "forward", keep(i)) for i in layers]):
         logits = tiny.ref(**tiny.ref_inputs(prompts)).logits
     return logits, outs
-
-
-def last_token_loss(logits, row=0):
-    return logits[row, -1].logsumexp(-1)
 
 
 # ---------------------------------------------------------------------------- against PyTorch
