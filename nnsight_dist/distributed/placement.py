@@ -106,6 +106,9 @@ class Placement:
     ranks: tuple[int, ...]
     input: str = WHOLE
     output: str = WHOLE
+    #: ``(name, placement)`` of each parameter the engine holds as a plain tensor fragment
+    #: (a ``DTensor`` describes itself and is not listed): served whole when read.
+    parameters: tuple[tuple[str, str], ...] = ()
 
     def __str__(self) -> str:
         stage = "every stage" if self.owner_stage is None else f"stage {self.owner_stage}"

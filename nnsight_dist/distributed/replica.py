@@ -86,9 +86,11 @@ class ReplicaSeam(Seam):
     tolerant = True
 
     def __init__(self, topo: Topology, placements: dict[str, Placement], interleaver: Interleaver,
-                 opaque: tuple[type, ...] = ()) -> None:
+                 opaque: tuple[type, ...] = (), backward_refused: Optional[str] = None) -> None:
         super().__init__()
         self.topo = topo
+        #: Why the engine's sharded model gives no gradients (``None``: it does).
+        self.backward_refused = backward_refused
         self.interleaver = interleaver
         self.router = shared_router(topo)
         self.failures = self.router.failures
@@ -108,6 +110,8 @@ class ReplicaSeam(Seam):
                     codec = self._codec(placement, location, key == "input", path)
                     if codec is not None:
                         self.codecs[location] = codec
+        self.fragment_parameters = {(path, name): placement for path, p in placements.items()
+                                    for name, placement in p.parameters if topo.tp > 1}
         if self.opaque:
             # What the traced call returned holds the model's output (its key/value cache too).
             self.codecs["result"] = self._codec(WHOLE, "tracer.result", False, "")
@@ -182,6 +186,10 @@ class ReplicaSeam(Seam):
     def attribute(self, path: str, name: str, local: Callable[[], Any]) -> Any:
         """Tensors (parameters, buffers) of a module owned by one stage come from that stage:
         the other stages hold the module without weights."""
+        fragment = self.fragment_parameters.get((path, name))
+        if fragment is not None:
+            plain = local
+            local = lambda: self._whole_parameter(plain(), fragment, f"{path}.{name}")  # noqa: E731
         location = f"{path}.output"
         stage = self.owner.get(location)
         if stage is None or self.topo.pp == 1:
@@ -211,6 +219,14 @@ class ReplicaSeam(Seam):
             router.broadcast(("p", path, name, self.attribute_reads), {"value": value})
         return self.gradients.parameter(path, name, stage, value)
 
+    def _whole_parameter(self, value: Any, placement: str, where: str) -> Any:
+        """A parameter the engine holds as a plain tensor fragment, whole (a collective of
+        the tp group); a ``DTensor`` was already made whole by the envoy."""
+        if not isinstance(value, torch.Tensor) or hasattr(value, "full_tensor"):
+            return value
+        return LayoutCodec(placement, self.topo.group("tp"), self.topo.tp, self.topo.tp_rank, self.failures,
+                           where, False).whole(value.detach())
+
     def gradient(self, location: str, of: Optional[str], tensor: Any) -> bool:
         """The gradient of a value is computed by the stage whose tensor is in the real
         graph, and served to the others (see :mod:`.gradients`)."""
@@ -219,12 +235,17 @@ class ReplicaSeam(Seam):
     def check_plain_backward(self) -> None:
         """Under pp torch's own backward stops at this stage's boundary, and ``.grad`` of a
         value another stage owns would read a copy's: refused (the same way on every rank)."""
+        self._check_engine_backward()
         if self.topo.pp > 1:
             raise NNsightError(
                 "loss.backward() as a statement runs autograd on this pipeline stage only: the gradient "
                 "would not reach the other stages, and `.grad` of their values would read a copy's. "
                 "Use a backward block: `with loss.backward(): g = h.grad.save()`"
             )
+
+    def _check_engine_backward(self) -> None:
+        if self.backward_refused is not None:
+            raise NNsightError(f"this model's engine gives no gradients: {self.backward_refused}")
 
     def defer(self, observer: Any, visit: int, location: str, value: Any) -> bool:
         """Fragments a whole-value cache observes are gathered together when the run ends
@@ -317,6 +338,7 @@ class ReplicaSeam(Seam):
         the ranks agree in one small guarded all-gather, where such a failure is raised
         instead; inside the pass every rank goes on to its end (gradient visits are
         :meth:`~.Interleaver.guarded`)."""
+        self._check_engine_backward()
         ranks, group = self._scope()
         if len(ranks) > 1:
             parts = [torch.zeros(1) for _ in ranks]

@@ -28,6 +28,11 @@ from ..distributed.placement import LOCAL, WHOLE, Placement, shard, tuple_of
 from ..distributed.topology import Topology
 from ..intervention.errors import UnshardableModel
 
+name = "transformers"
+#: Its tensor-parallel layers are DTensor ops and its stages' transfers go over the router:
+#: gradients flow through both (see :mod:`..distributed.gradients`).
+backward_refused = None
+
 #: Module-boundary placements of transformers' tensor-parallel styles: (input, output).
 STYLES = {
     "colwise": (WHOLE, shard(-1)),

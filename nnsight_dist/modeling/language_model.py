@@ -27,6 +27,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from .. import engines
 from ..intervention.envoy import Envoy, EnvoyClasses, Rename
 from ..intervention.save import add_save_method
 from ..tracing.tracer import InterleavingTracer
@@ -34,7 +35,6 @@ from .generator import Generator, GeneratorEnvoy
 from .nnsight import Batched, NNsight
 
 Prompt = Union[str, list, torch.Tensor, dict]
-ENGINES = ("transformers", "deepspeed", "torch")
 TASKS = ("text-generation",)
 #: ``from_pretrained`` keywords that concern the tokenizer's files as much as the weights.
 _TOKENIZER_LOAD_KWARGS = ("revision", "trust_remote_code", "token", "cache_dir", "local_files_only")
@@ -70,10 +70,7 @@ class TransformersModel(NNsight):
         from ..distributed import topology
 
         _check_task(task)
-        if engine not in ENGINES:
-            raise ValueError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
-        if engine != "transformers":
-            raise NotImplementedError(f"engine {engine!r} is not available yet: use engine='transformers'")
+        engine_impl = engines.get(engine)
         topo = topology.init(tp=tp, pp=pp)
         distributed = topo.distributed
         if distributed:
@@ -82,8 +79,6 @@ class TransformersModel(NNsight):
             source = str(path_or_model)
             if dtype is not None:
                 load_kwargs["dtype"] = dtype
-            from ..engines import transformers as engine_impl
-
             module = engine_impl.load(source, topo, **load_kwargs)
         elif isinstance(path_or_model, torch.nn.Module):
             module = path_or_model
@@ -115,7 +110,8 @@ class TransformersModel(NNsight):
             from ..distributed.replica import ReplicaSeam
 
             table = engine_impl.placements(module, topo, self.path)
-            seam = ReplicaSeam(topo, table, self.interleaver, engine_impl.opaque_types(topo))
+            seam = ReplicaSeam(topo, table, self.interleaver, engine_impl.opaque_types(topo),
+                               engine_impl.backward_refused)
             self.interleaver.seam = seam
             engine_impl.attach_pipeline(module, topo, self.interleaver, seam.router, self.path)
             self.__dict__["_placements"] = table
