@@ -24,23 +24,15 @@ from typing import Any, Optional
 
 import torch
 
-from ..distributed.placement import LOCAL, WHOLE, Placement, shard, tuple_of
+from ..distributed.placement import WHOLE, Placement
 from ..distributed.topology import Topology
 from ..intervention.errors import UnshardableModel
+from .styles import STYLES, attention_outputs, between_parallel_layers
 
 name = "transformers"
 #: Its tensor-parallel layers are DTensor ops and its stages' transfers go over the router:
 #: gradients flow through both (see :mod:`..distributed.gradients`).
 backward_refused = None
-
-#: Module-boundary placements of transformers' tensor-parallel styles: (input, output).
-STYLES = {
-    "colwise": (WHOLE, shard(-1)),
-    "rowwise": (shard(-1), WHOLE),
-    "colwise_gather_output": (WHOLE, WHOLE),
-    "embedding_rowwise": (WHOLE, WHOLE),
-}
-
 
 def check(config: Any, tp: int, pp: int) -> None:
     """Raise :class:`UnshardableModel` before loading when ``tp``/``pp`` cannot split the model."""
@@ -208,8 +200,8 @@ def placements(model: torch.nn.Module, topo: Topology, root: str = "model") -> d
         return None
 
     styles = {name: next((v for rx, v in patterns if rx.match(name)), None) for name, _ in model.named_modules()}
-    between = _between_parallel_layers(model, styles)
-    attention = _attention_outputs(model, styles)
+    between = between_parallel_layers(model, styles)
+    attention = attention_outputs(model, styles)
     table = {}
     for name, _ in model.named_modules():
         stage = owner(name)
@@ -225,53 +217,6 @@ def placements(model: torch.nn.Module, topo: Topology, root: str = "model") -> d
         p = table[base]
         table[base] = Placement(base, last, p.ranks, WHOLE, WHOLE)
     return table
-
-
-def _between_parallel_layers(model: torch.nn.Module, styles: dict[str, Optional[str]]) -> dict[str, tuple[str, str]]:
-    """Modules the plan does not name that run between a column- and a row-parallel layer.
-
-    In a module whose children include both (an MLP, an attention), the other children see
-    this rank's slice of the column-parallel output: a child without parameters (the MLP's
-    activation) is elementwise on that slice, ``shard(-1)`` in and out; a child with
-    parameters (a per-head norm, say) holds a fragment whose layout the plan does not give
-    (``LOCAL``: reading it is refused rather than shown as the whole value).
-    """
-    found = {}
-    for name, module in model.named_modules():
-        kids = {f"{name}.{k}" if name else k: c for k, c in module.named_children()}
-        kinds = {STYLES.get(styles.get(k), (WHOLE, WHOLE)) for k in kids if styles.get(k)}
-        if not any(out != WHOLE for _, out in kinds) or not any(inp != WHOLE for inp, _ in kinds):
-            continue
-        for child_name, child in kids.items():
-            if styles.get(child_name) is None:
-                placed = shard(-1) if not any(True for _ in child.parameters()) else LOCAL
-                for sub, _ in child.named_modules():
-                    found[f"{child_name}.{sub}" if sub else child_name] = (placed, placed)
-    return found
-
-
-#: The dimension of the heads in the attention weights transformers' attention functions
-#: return (``eager_attention_forward``: ``[batch, heads, query, key]``).
-ATTENTION_WEIGHTS_HEADS = 1
-
-
-def _attention_outputs(model: torch.nn.Module, styles: dict[str, Optional[str]]) -> dict[str, str]:
-    """The output placement of each tensor-parallel attention: ``(whole, shard(1))``.
-
-    A transformers attention returns ``(attn_output, attn_weights)``. ``attn_output`` comes
-    out of the row-parallel ``o_proj`` (reduced: whole); the weights are computed per head
-    from the column-parallel ``q_proj``/``k_proj`` outputs, whose columns are this rank's
-    heads, so each rank holds its heads: a shard along the heads dimension. An attention is
-    a module with column-parallel ``q_proj`` and ``k_proj`` and a row-parallel ``o_proj`` in
-    the plan. Another module with column- and row-parallel children (an MLP) returns the
-    row-parallel output: whole, as the plan says.
-    """
-    found = {}
-    for name, module in model.named_modules():
-        kid = {k: styles.get(f"{name}.{k}" if name else k) for k, _ in module.named_children()}
-        if kid.get("q_proj") == "colwise" and kid.get("k_proj") == "colwise" and kid.get("o_proj") == "rowwise":
-            found[name] = tuple_of(WHOLE, shard(ATTENTION_WEIGHTS_HEADS))
-    return found
 
 
 def opaque_types(topo: Topology) -> tuple[type, ...]:
