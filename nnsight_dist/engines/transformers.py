@@ -171,16 +171,28 @@ def _own_pipeline(model: torch.nn.Module, topo: Topology) -> None:
             base.layers[i] = LayerPlaceholder(_skeleton(template, model.config, i))
 
 
-def placements(model: torch.nn.Module, topo: Topology, root: str = "model") -> dict[str, Placement]:
-    """The placement of every module of ``model`` (paths prefixed with ``root``)."""
+def plan_styles(model: torch.nn.Module) -> dict[str, str]:
+    """The style name transformers' plan (``tp_plan``, ``*`` standing for a layer index)
+    gives each module it names."""
+    plan = dict(getattr(model, "tp_plan", None) or getattr(model, "_tp_plan", None) or {})
+    patterns = [(re.compile("^" + re.escape(k).replace(r"\*", r"\d+") + "$"), v) for k, v in plan.items()]
+    found = {}
+    for name, _ in model.named_modules():
+        style = next((v for rx, v in patterns if rx.match(name)), None)
+        if style is not None:
+            found[name] = style
+    return found
+
+
+def placements(model: torch.nn.Module, topo: Topology, root: str = "model",
+               styles: Optional[dict[str, str]] = None) -> dict[str, Placement]:
+    """The placement of every module of ``model`` (paths prefixed with ``root``); ``styles``:
+    the tensor-parallel style name (of :data:`.styles.STYLES`) of each module another engine
+    parallelized along transformers' layer split (default: transformers' plan)."""
     config = model.config
     prefix = model.base_model_prefix
     layers = config.num_hidden_layers
     last = topo.pp - 1
-    plan = {}
-    if topo.tp > 1:
-        plan = dict(getattr(model, "tp_plan", None) or getattr(model, "_tp_plan", None) or {})
-    patterns = [(re.compile("^" + re.escape(k).replace(r"\*", r"\d+") + "$"), v) for k, v in plan.items()]
 
     def owner(name: str) -> Optional[int]:
         if topo.pp == 1:
@@ -199,13 +211,14 @@ def placements(model: torch.nn.Module, topo: Topology, root: str = "model") -> d
             return last
         return None
 
-    styles = {name: next((v for rx, v in patterns if rx.match(name)), None) for name, _ in model.named_modules()}
+    if styles is None:
+        styles = plan_styles(model) if topo.tp > 1 else {}
     between = between_parallel_layers(model, styles)
     attention = attention_outputs(model, styles)
     table = {}
     for name, _ in model.named_modules():
         stage = owner(name)
-        inp, out = between.get(name) or STYLES.get(styles[name], (WHOLE, WHOLE))
+        inp, out = between.get(name) or STYLES.get(styles.get(name), (WHOLE, WHOLE))
         out = attention.get(name, out)
         stages = range(topo.pp) if stage is None else [stage]
         ranks = tuple(topo.rank_of(s, t) for s in stages for t in range(topo.tp))
