@@ -80,9 +80,10 @@ def load(path: str, topo: Topology, **kwargs: Any) -> torch.nn.Module:
 
     config = transformers.AutoConfig.from_pretrained(path)
     check(config, topo.tp, topo.pp)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if topo.pp > 1:
-        hf._own_pipeline(model, topo)
+        model = hf.load_split(path, topo, 1, **kwargs)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
     styles = plan(model) if topo.tp > 1 else {}
     if styles:
         parallelize(model, topo.mesh["tp"], styles)

@@ -92,18 +92,25 @@ def _adjusted(topo: Topology):
 
 def load(path: str, topo: Topology, **kwargs: Any) -> torch.nn.Module:
     """This rank's part of the checkpoint at ``path``, sharded ``topo.pp × topo.tp``."""
+    return load_split(path, topo, topo.tp, **kwargs)
+
+
+def load_split(path: str, topo: Topology, tp: int, **kwargs: Any) -> torch.nn.Module:
+    """This rank's part of the checkpoint at ``path``: its stage of ``topo.pp``, sharded
+    ``tp`` ways by transformers (``tp=1``: whole, for an engine that applies its own
+    tensor parallelism)."""
     import transformers
     from transformers.distributed import DistributedConfig
 
     config = transformers.AutoConfig.from_pretrained(path)
-    check(config, topo.tp, topo.pp)
+    check(config, tp, topo.pp)
     bars = transformers.utils.logging.is_progress_bar_enabled()
     if topo.rank != 0:
         transformers.utils.logging.disable_progress_bar()  # one progress bar per job, not per rank
     try:
         with _adjusted(topo):
             model = transformers.AutoModelForCausalLM.from_pretrained(
-                path, distributed_config=DistributedConfig(tp_size=topo.tp, pp_size=topo.pp), **kwargs
+                path, distributed_config=DistributedConfig(tp_size=tp, pp_size=topo.pp), **kwargs
             )
     finally:
         if bars:
