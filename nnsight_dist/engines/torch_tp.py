@@ -5,7 +5,7 @@ transformers engine's layer split and placeholders) and applies torch's own para
 styles on this replica's tensor-parallel sub-mesh (``topo.mesh["tp"]``: each ``dp``
 replica and each stage has its own). The plan is the model's transformers plan
 (``tp_plan``), its style names translated to torch's :class:`ParallelStyle` objects
-(:data:`TORCH_STYLES`); parameters become ``DTensor`` shards.
+(:func:`_torch_styles`); parameters become ``DTensor`` shards.
 
 Where a visit sits. ``parallelize_module`` installs each style's input and output
 transforms as forward (pre-)hooks, which run *around* ``module.forward``, the call point
@@ -56,20 +56,27 @@ def _torch_styles() -> dict[str, Callable[[], Any]]:
 
 
 def check(config: Any, tp: int, pp: int) -> None:
-    """As the transformers engine (whose plan and layer split this engine applies)."""
+    """As the transformers engine (whose plan and layer split this engine applies), and
+    :class:`UnshardableModel` for a style of the base model's plan torch has none for."""
     hf.check(config, tp, pp)
+    if tp > 1:
+        _refuse_unknown(type(config).__name__, (config.base_model_tp_plan or {}).values())
+
+
+def _refuse_unknown(model: str, styles: Any) -> None:
+    known = _torch_styles()
+    unknown = sorted(set(styles) - set(known))
+    if unknown:
+        raise UnshardableModel(f"{model}'s tensor-parallel plan uses {', '.join(unknown)}, which engine='torch' "
+                               f"has no parallel style for (it has {', '.join(known)}): use engine='transformers'")
 
 
 def plan(model: torch.nn.Module) -> dict[str, Any]:
     """``{module name: ParallelStyle}`` for each module the model's transformers plan names;
     :class:`UnshardableModel` for a plan style torch has no parallel style for."""
     names = hf.plan_styles(model)
+    _refuse_unknown(type(model).__name__, names.values())
     makers = _torch_styles()
-    unknown = sorted(set(names.values()) - set(makers))
-    if unknown:
-        raise UnshardableModel(f"{type(model).__name__}'s tensor-parallel plan uses {', '.join(unknown)}, which "
-                               f"engine='torch' has no parallel style for (it has {', '.join(makers)}): "
-                               "use engine='transformers'")
     return {module_name: makers[style]() for module_name, style in names.items()}
 
 

@@ -1,9 +1,9 @@
 """The torch engine (``engine="torch"``: ``parallelize_module`` with torch's parallel styles).
 
-On forked gloo ranks, against the single-process run of the same tiny llama:
+On forked gloo ranks, against the single-process run of the same tiny model:
 
-- the conformance values (``scenarios.trace_values``) at tp=2, pp=2 and tp=2 × pp=2, within
-  1e-4 relative and bit-identical across the ranks;
+- the conformance values (``scenarios.trace_values``) at tp=2, pp=2, tp=2 × pp=2 and tp=2 × dp=2, within
+  1e-4 relative and bit-identical across the ranks (llama and qwen2);
 - ``placements()`` against what the engine really hands over at every module boundary:
   plain ``register_forward_hook``s on the sharded model record each module's local first
   argument and output, which must be the single-process value (``whole``) or its slice of
@@ -25,7 +25,7 @@ from nnsight_dist.distributed.placement import LOCAL, WHOLE, elements, shard_dim
 from nnsight_dist.testing.ranks import run_ranks
 
 ENV = {"NNSIGHT_DIST_TIMEOUT": "60", "NNSIGHT_DIST_CHECK": "1"}
-TOPOLOGIES = {"tp2": (2, 2, 1), "pp2": (2, 1, 2), "tp2_pp2": (4, 2, 2)}  # name: (world, tp, pp)
+TOPOLOGIES = {"tp2": (2, 2, 1), "pp2": (2, 1, 2), "tp2_pp2": (4, 2, 2), "tp2_dp2": (4, 2, 1)}  # (world, tp, pp)
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +33,12 @@ def path(tmp_path_factory):
     return nd.testing.make_tiny_model(str(tmp_path_factory.mktemp("llama")), arch="llama")
 
 
-@pytest.fixture(scope="module")
-def reference(path):
-    return trace_values(nd.LanguageModel(path))
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def reference(request, path, tmp_path_factory):
+    """A tiny model (qwen2: column-parallel layers with biases) and its single-process values."""
+    if request.param != "llama":
+        path = nd.testing.make_tiny_model(str(tmp_path_factory.mktemp(request.param)), arch=request.param)
+    return path, trace_values(nd.LanguageModel(path))
 
 
 def _rank_values(rank: int, path: str, tp: int, pp: int) -> dict:
@@ -43,11 +46,13 @@ def _rank_values(rank: int, path: str, tp: int, pp: int) -> dict:
 
 
 @pytest.mark.parametrize("topology", list(TOPOLOGIES))
-def test_conformance(path, reference, topology):
+def test_conformance(reference, topology):
+    path, reference = reference
     world, tp, pp = TOPOLOGIES[topology]
     results = run_ranks(_rank_values, world, path, tp, pp, timeout=240, env=ENV)
+    gathered_on = range(0, world, tp * pp)  # each replica's first rank (each dp replica has its own tp mesh)
     for rank, values in enumerate(results):
-        names = set(reference) if rank == 0 else {k for k in reference if not k.startswith("sharded_")}
+        names = set(reference) if rank in gathered_on else {k for k in reference if not k.startswith("sharded_")}
         assert set(values) == names, f"{topology} rank {rank}: {sorted(set(values) ^ names)}"
         for name in names:
             want, got = reference[name], values[name]
@@ -160,3 +165,17 @@ def test_gradients_match_one_process(path):
         for name, got in values.items():
             close(got, want[name], f"rank {rank} {name}")
             assert torch.equal(got, results[0][name]), f"{name} differs between the tp ranks"
+
+
+def test_a_plan_style_torch_has_no_style_for_is_refused_before_loading(path):
+    """``check`` answers from the configuration: a plan naming a style without a torch
+    parallel style (transformers' ``packed_colwise``, say) is :class:`UnshardableModel`."""
+    from nnsight_dist.engines import torch_tp
+    from nnsight_dist.intervention.errors import UnshardableModel
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    torch_tp.check(config, 2, 1)
+    config.base_model_tp_plan = {**config.base_model_tp_plan, "layers.*.mlp.gate_proj": "packed_colwise"}
+    with pytest.raises(UnshardableModel, match="packed_colwise.*engine='transformers'"):
+        torch_tp.check(config, 2, 1)
+    torch_tp.check(config, 1, 1)  # nothing is parallelized at tp=1
