@@ -2,6 +2,7 @@
 tuples and model outputs, read in check mode and compared with one process on the same
 weights. Where the library refuses a part by design (a fragment it cannot assemble: the
 key/value cache), the refusal is asserted, and the single-process value there is that object.
+The transformers engine on each case, the torch engine (``parallelize_module``) on llama.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from nnsight_dist.distributed.placement import Refused
 from nnsight_dist.testing.ranks import run_ranks
 
 PROMPT = "The Eiffel Tower is in the city of"
-CASES = {  # name: (arch, attention implementation; eager returns the attention weights)
-    "llama_eager": ("llama", "eager"),
-    "qwen2_eager": ("qwen2", "eager"),
-    "llama_config": ("llama", None),
+CASES = {  # name: (arch, attention implementation (eager returns the attention weights), engine)
+    "llama_eager": ("llama", "eager", "transformers"),
+    "qwen2_eager": ("qwen2", "eager", "transformers"),
+    "llama_config": ("llama", None, "transformers"),
+    "llama_eager_torch_engine": ("llama", "eager", "torch"),
 }
 
 
@@ -83,13 +85,13 @@ def read_all(model: nd.LanguageModel, order: list[tuple[str, str]]) -> dict:
     return out
 
 
-def _rank(rank: int, path: str, attn: Any, order: list) -> dict:
-    return read_all(_load(path, attn, tp=2), [tuple(o) for o in order])
+def _rank(rank: int, path: str, attn: Any, engine: str, order: list) -> dict:
+    return read_all(_load(path, attn, tp=2, engine=engine), [tuple(o) for o in order])
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_sweep_tp2(tmp_path, case):
-    arch, attn = CASES[case]
+    arch, attn, engine = CASES[case]
     path = nd.testing.make_tiny_model(str(tmp_path), arch=arch)
     single = _load(path, attn)
     order = visit_order(single)
@@ -97,7 +99,7 @@ def test_sweep_tp2(tmp_path, case):
     # Every module is reached, except containers that have no forward (the layer list).
     assert all(isinstance(e._module, torch.nn.ModuleList) for p, e in single.named_modules() if p not in reached)
     expected = read_all(single, order)
-    results = run_ranks(_rank, 2, path, attn, [list(o) for o in order], timeout=240,
+    results = run_ranks(_rank, 2, path, attn, engine, [list(o) for o in order], timeout=240,
                         env={"NNSIGHT_DIST_TIMEOUT": "60", "NNSIGHT_DIST_CHECK": "1"})
     heads = single.config.num_attention_heads
     weights = [k for k, v in expected.items() if k.endswith("self_attn.output[1]")]
