@@ -87,10 +87,7 @@ def load(path: str, topo: Topology, **kwargs: Any) -> torch.nn.Module:
 
     config = transformers.AutoConfig.from_pretrained(path)
     check(config, topo.tp, topo.pp)
-    if topo.pp > 1:
-        model = hf.load_split(path, topo, 1, **kwargs)
-    else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model = hf.load_split(path, topo, 1, **kwargs)
     styles = plan(model) if topo.tp > 1 else {}
     if styles:
         parallelize(model, topo.mesh["tp"], styles)
