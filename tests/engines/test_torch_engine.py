@@ -120,7 +120,7 @@ def _placement_check(rank: int, path: str) -> dict:
                 fragments += g.shape != whole[name][index].shape if not isinstance(want, tuple) else 0
                 if g.shape != w.shape or not torch.allclose(g, w, rtol=1e-4, atol=1e-5):
                     bad.append(f"{name}.{side}: {getattr(placement, side)}")
-    dtensors = {n: [repr(p) for p in t.placements] + list(t.to_local().shape)
+    dtensors = {n: (repr(t.placements[0]), list(t.to_local().shape), list(t.shape))
                 for n, t in model._module.named_parameters() if isinstance(t, DTensor)}
     return {"checked": checked, "fragments": fragments, "bad": bad, "dtensors": dtensors,
             "placements": {p.path: (p.input, p.output) for p in model.placements().values()}}
@@ -137,16 +137,14 @@ def test_placements_describe_what_each_module_hands_over(path):
         assert values["checked"] > 60 and values["fragments"] >= 8  # q/k/v/o, gate/up/down, ... are sliced
         assert values["placements"] == results[0]["placements"]
     table, dtensors = results[0]["placements"], results[0]["dtensors"]
-    sharded = {"shard(-1)": "Shard(dim=0)"}, {"shard(-1)": "Shard(dim=1)"}
     linears = 0
     for full, (inp, out) in table.items():
         weight = dtensors.get(full.removeprefix("model.") + ".weight")
-        if out in sharded[0] and inp == "whole":
-            linears += 1
-            assert weight is not None and weight[0] == sharded[0][out], full
-        if inp in sharded[1] and out == "whole":
-            linears += 1
-            assert weight is not None and weight[0] == sharded[1][inp], full
+        for dim, sliced in ((0, out == "shard(-1)" and inp == "whole"), (1, inp == "shard(-1)" and out == "whole")):
+            if sliced:
+                linears += 1
+                placement, local, whole = weight
+                assert placement == f"Shard(dim={dim})" and local[dim] * 2 == whole[dim], (full, weight)
     config = transformers.AutoConfig.from_pretrained(path)
     assert linears == 7 * config.num_hidden_layers  # q, k, v, gate, up (column) and o, down (row)
 
