@@ -117,6 +117,12 @@ def _hooks_into_forward(module: torch.nn.Module, pre_before: set, post_before: s
     kwargs_hooks = set(module._forward_pre_hooks_with_kwargs) | set(module._forward_hooks_with_kwargs)
     pre = {k: h for k, h in module._forward_pre_hooks.items() if k not in pre_before}
     post = {k: h for k, h in module._forward_hooks.items() if k not in post_before}
+    if not pre or not post:
+        # Placements assume the style's transforms run outside the visit: fail loudly the
+        # day torch installs them another way.
+        raise RuntimeError(f"torch {torch.__version__}'s parallelize_module installed no forward hooks on "
+                           f"{type(module).__name__}; engine='torch' expects its styles to transform inputs "
+                           "and outputs in hooks (as torch 2.13 does): use engine='transformers'")
     if kwargs_hooks & (set(pre) | set(post)):
         raise UnshardableModel(f"a parallel style of {type(module).__name__} hooks keyword arguments, which "
                                "engine='torch' does not move into the forward")
