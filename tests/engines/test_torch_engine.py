@@ -9,7 +9,8 @@ On forked gloo ranks, against the single-process run of the same tiny model:
   argument and output, which must be the single-process value (``whole``) or its slice of
   it (``shard(d)``), element by element for tuples; the parameters must be torch's
   ``DTensor`` shards the styles' layouts say;
-- gradients at tp=2 (``test_gradients_tp2.gradient_values``) against one process.
+- gradients at tp=2 (``test_gradients_tp2.gradient_values``) and across stages at
+  tp=2 × pp=2 (``test_gradients_pp2.grad_values``) against one process.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import transformers
 
 import nnsight_dist as nd
 from distributed.scenarios import trace_values
+from distributed.test_gradients_pp2 import grad_values
 from distributed.test_gradients_tp2 import PROMPTS, close, gradient_values
 from nnsight_dist.distributed.placement import LOCAL, WHOLE, elements, shard_dim
 from nnsight_dist.testing.ranks import run_ranks
@@ -163,6 +165,21 @@ def test_gradients_match_one_process(path):
         for name, got in values.items():
             close(got, want[name], f"rank {rank} {name}")
             assert torch.equal(got, results[0][name]), f"{name} differs between the tp ranks"
+
+
+def _stage_gradients(rank: int, path: str) -> dict:
+    return grad_values(nd.LanguageModel(path, tp=2, pp=2, engine="torch"))
+
+
+def test_gradients_tp2_pp2_match_one_process(path):
+    """Gradients cross stages (the router's transfers) and tensor-parallel layers (DTensor's)."""
+    want = grad_values(nd.LanguageModel(path))
+    results = run_ranks(_stage_gradients, 4, path, timeout=300, env=ENV)
+    for rank, values in enumerate(results):
+        assert set(values) == set(want)
+        for name, got in values.items():
+            close(got, want[name], f"rank {rank} {name}")
+            assert torch.equal(got, results[0][name]), f"{name} differs between the ranks"
 
 
 def test_a_plan_style_torch_has_no_style_for_is_refused_before_loading(path):
