@@ -3,7 +3,8 @@
 On forked gloo ranks, against the single-process run of the same tiny model:
 
 - the conformance values (``scenarios.trace_values``) at tp=2, pp=2, tp=2 × pp=2 and tp=2 × dp=2, within
-  1e-4 relative and bit-identical across the ranks (llama and qwen2);
+  1e-4 relative and bit-identical across the ranks (llama and qwen2); greedy generation at
+  tp=2 × pp=2;
 - ``placements()`` against what the engine really hands over at every module boundary:
   plain ``register_forward_hook``s on the sharded model record each module's local first
   argument and output, which must be the single-process value (``whole``) or its slice of
@@ -63,6 +64,27 @@ def test_conformance(reference, topology):
                                        msg=lambda m: f"{topology} rank {rank} {name}: {m}")
         for name in values:
             assert torch.equal(values[name], results[0][name]), f"{topology}: {name} differs on rank {rank}"
+
+
+def _generated(model) -> dict:
+    """Greedy generation: each step's last logits, read through ``tracer.iter``, and the ids."""
+    with model.generate(PROMPTS[0], max_new_tokens=3, do_sample=False) as tracer:
+        logits = nd.save([])
+        for _ in tracer.iter[0:3]:
+            logits.append(model.lm_head.output[:, -1])
+        ids = tracer.result.save()
+    return {"ids": ids, "logits": torch.stack(list(logits))}
+
+
+def _rank_generated(rank: int, path: str) -> dict:
+    return _generated(nd.LanguageModel(path, tp=2, pp=2, engine="torch"))
+
+
+def test_generate_tp2_pp2(path):
+    want = _generated(nd.LanguageModel(path))
+    for values in run_ranks(_rank_generated, 4, path, timeout=240, env=ENV):
+        assert torch.equal(values["ids"], want["ids"])
+        torch.testing.assert_close(values["logits"], want["logits"], rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- placements
