@@ -26,6 +26,7 @@ of equal slices.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from typing import Any, Optional
 
@@ -70,6 +71,7 @@ def check(config: Any, tp: int, pp: int) -> None:
         value = getattr(config, attr, None)
         if value is not None and value % tp:
             raise UnshardableModel(f"tp={tp} does not divide {attr}={value} of {cls}: pick a divisor of it")
+    _require_deepspeed()
     from deepspeed.inference.config import DeepSpeedTPConfig
     from deepspeed.module_inject.tp_shard import AutoTPMeta, get_shard_size_list
 
@@ -86,6 +88,13 @@ def check(config: Any, tp: int, pp: int) -> None:
                 f"DeepSpeed splits {attr}={value} of {cls} into unequal slices {sizes} at tp={tp} (blocks of "
                 f"{grain}): use a tp for which {attr} is a multiple of {grain} x tp"
             )
+
+
+def _require_deepspeed() -> None:
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError as error:
+        raise ImportError("engine='deepspeed' needs DeepSpeed: pip install 'nnsight_dist[deepspeed]'") from error
 
 
 class _ReplicaGroup:
@@ -148,7 +157,23 @@ def load(path: str, topo: Topology, **kwargs: Any) -> torch.nn.Module:
         if sizes is not None and len(set(sizes)) > 1:
             raise UnshardableModel(f"DeepSpeed split {layer_name} into unequal slices {list(sizes)}: "
                                    "choose a tp that divides its dimensions in blocks of 64")
+        if type(module).__name__ == "LmHeadLinearAllreduce":
+            module.forward = _any_leading_dims(module.forward)
     return model
+
+
+def _any_leading_dims(forward: Any) -> Any:
+    """``forward`` of DeepSpeed's lm_head taking what the ``nn.Linear`` it replaced takes.
+
+    It slices its input as ``input[:, :, columns]``, three dimensions only; an ad-hoc call
+    on the last token's hidden states (``lm_head(h[:, -1])``, the logit lens) is 2-D. Other
+    shapes go through it as one row of a batch, and come back in their own shape."""
+    @functools.wraps(forward)
+    def any_leading_dims(input: torch.Tensor) -> torch.Tensor:
+        if input.dim() == 3:
+            return forward(input)
+        return forward(input.reshape(1, -1, input.shape[-1])).reshape(*input.shape[:-1], -1)
+    return any_leading_dims
 
 
 def _parallel_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:

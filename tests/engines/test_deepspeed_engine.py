@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ import torch
 pytest.importorskip("deepspeed")
 
 import nnsight_dist as nd  # noqa: E402
-from nnsight_dist.intervention.errors import NNsightError, UnshardableModel  # noqa: E402
+from nnsight_dist.intervention.errors import MissedProviderError, NNsightError, UnshardableModel  # noqa: E402
 from nnsight_dist.testing.ranks import run_ranks  # noqa: E402
 
 from distributed.scenarios import PROMPTS, trace_values  # noqa: E402
@@ -140,6 +141,44 @@ def test_backward_refused_on_every_rank_then_next_trace_works(reference):
         torch.testing.assert_close(values["logits"], logits, rtol=1e-4, atol=1e-5)
 
 
+def _lens(model) -> dict:
+    layers = model.model.layers
+    with model.trace(PROMPTS[0]):
+        last = model.lm_head(model.model.norm(layers[1].output[:, -1])).save()      # 2-D
+        row = model.lm_head(model.model.norm(layers[1].output[0])).save()          # 2-D
+        tokens = model.lm_head(model.model.norm(layers[1].output[0, -1])).save()   # 1-D
+    return {"last": last, "row": row, "tokens": tokens}
+
+
+def _lens_and_sources(rank: int, path: str) -> dict:
+    model = nd.LanguageModel(path, tp=2, engine="deepspeed")
+    refused = []
+    for module in (model.lm_head, model.model.layers[0].mlp.down_proj, model.model.layers[0].self_attn.q_proj):
+        for op in module.source:
+            try:
+                with model.trace(PROMPTS[0]):
+                    op.output.save()
+            except MissedProviderError:
+                continue  # a branch this run does not take
+            except NNsightError as error:
+                refused.append("tensor-parallel fragment" in str(error))
+            else:
+                refused.append(False)
+    return {**_lens(model), "refused": refused}
+
+
+def test_adhoc_lm_head_of_any_shape_and_refused_operations(reference):
+    """DeepSpeed's lm_head takes 3-D inputs only; the engine lets it take what the layer it
+    replaced takes (the logit lens on the last token is 2-D). The operations inside the
+    swapped layers compute on slices: reading any of them is refused on every rank."""
+    path, _ = reference
+    want = _lens(nd.LanguageModel(path))
+    for values in run_ranks(_lens_and_sources, 2, path, timeout=300, env=ENV):
+        for name in want:
+            torch.testing.assert_close(values[name], want[name], rtol=1e-4, atol=1e-5)
+        assert values["refused"] and all(values["refused"]), values["refused"]
+
+
 def test_check_refuses_what_deepspeed_cannot_split():
     from nnsight_dist import engines
 
@@ -176,7 +215,9 @@ def test_torchrun_matches_one_process(tmp_path):
         "if model.topology.rank == 0:\n"
         "    print('LOGITS', ' '.join(f'{x:.6e}' for x in logits.tolist()))\n"
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NNSIGHT_DIST_TIMEOUT": "60", "PYTHONPATH": ROOT}
+    # The launcher takes the checkout's .venv, else the python on PATH: this test's python.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NNSIGHT_DIST_TIMEOUT": "60", "PYTHONPATH": ROOT,
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     for key in ("RANK", "LOCAL_SIZE"):
         env.pop(key, None)
     out = subprocess.run(["bash", "launch/torchrun.sh", "2", str(script)], cwd=ROOT, env=env, capture_output=True,
