@@ -25,7 +25,8 @@ from nnsight_dist.testing.ranks import run_ranks  # noqa: E402
 from distributed.scenarios import PROMPTS, trace_values  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ENV = {"NNSIGHT_DIST_TIMEOUT": "60"}
+#: Check mode (as tests/distributed): every value served whole is compared across the tp group.
+ENV = {"NNSIGHT_DIST_TIMEOUT": "60", "NNSIGHT_DIST_CHECK": "1"}
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
