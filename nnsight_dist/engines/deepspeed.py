@@ -36,6 +36,7 @@ from ..distributed.placement import LOCAL, WHOLE, Placement, shard
 from ..distributed.topology import Topology
 from ..intervention.errors import UnshardableModel
 from .styles import STYLES, attention_outputs, between_parallel_layers
+from .transformers import meta_model
 from .transformers import opaque_types  # noqa: F401 - the same cache: this rank's heads
 
 name = "deepspeed"
@@ -60,7 +61,8 @@ _CLASS_STYLES = {
 def check(config: Any, tp: int, pp: int) -> None:
     """Raise :class:`UnshardableModel` before loading when ``tp``/``pp`` cannot split the model:
     ``pp > 1`` (AutoTP is tensor parallelism only), a ``tp`` that does not divide the heads,
-    or a dimension DeepSpeed would split into unequal slices."""
+    a model AutoTP does not support, or a dimension DeepSpeed would split into unequal
+    slices."""
     cls = type(config).__name__
     if pp > 1:
         raise UnshardableModel(f"the deepspeed engine is tensor-parallel only (AutoTP): use pp=1, or "
@@ -73,7 +75,15 @@ def check(config: Any, tp: int, pp: int) -> None:
             raise UnshardableModel(f"tp={tp} does not divide {attr}={value} of {cls}: pick a divisor of it")
     _require_deepspeed()
     from deepspeed.inference.config import DeepSpeedTPConfig
+    from deepspeed.module_inject.auto_tp import AutoTP
     from deepspeed.module_inject.tp_shard import AutoTPMeta, get_shard_size_list
+
+    try:  # AutoTP asks the model's printed form (a meta model: no weights, nothing allocated)
+        supported = AutoTP.supported(meta_model(config))
+    except AssertionError:
+        supported = False
+    if not supported:
+        raise UnshardableModel(f"DeepSpeed's AutoTP does not shard {cls}: use engine='transformers', or tp=1")
 
     grain = DeepSpeedTPConfig().tp_grain_size
     meta = AutoTPMeta.from_model_config(config, grain)

@@ -180,6 +180,36 @@ def test_adhoc_lm_head_of_any_shape_and_refused_operations(reference):
         assert values["refused"] and all(values["refused"]), values["refused"]
 
 
+def test_undescribed_layers_and_their_neighbours_are_local():
+    """A swapped layer of a class the engine does not describe (DeepSpeed's fused gate/up
+    projection) is ``local``, and so is every module beside it (the activation computes on
+    its slice); a described neighbour keeps its class's placement; its parent's output,
+    reduced by the row-parallel layer, is whole. No ranks: the placements are read from the
+    modules (DeepSpeed builds its layers without a group, unsliced)."""
+    from deepspeed.module_inject import layers
+    from torch import nn
+
+    from nnsight_dist import engines
+    from nnsight_dist.distributed.topology import Topology
+
+    class MLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate_up_proj = layers.GateUpPack_LinearLayer(nn.Linear(128, 512, bias=False), mp_group=None)
+            self.act_fn = nn.SiLU()
+            self.down_proj = layers.LinearAllreduce(nn.Linear(256, 128, bias=False), None)
+
+    block = nn.Module()
+    block.mlp, block.norm = MLP(), nn.LayerNorm(128)
+    table = engines.get("deepspeed").placements(block, Topology(2, 0, 0, 1, 1, 2))
+    got = {path: (p.input, p.output) for path, p in table.items()}
+    assert got == {"model": ("whole", "whole"), "model.mlp": ("whole", "whole"),
+                   "model.mlp.gate_up_proj": ("local", "local"), "model.mlp.act_fn": ("local", "local"),
+                   "model.mlp.down_proj": ("shard(-1)", "whole"), "model.norm": ("whole", "whole")}
+    assert dict(table["model.mlp.gate_up_proj"].parameters) == {"weight": "local"}  # cut per sub-parameter
+    assert dict(table["model.mlp.down_proj"].parameters) == {"weight": "shard(1)"}
+
+
 def test_check_refuses_what_deepspeed_cannot_split():
     from nnsight_dist import engines
 
@@ -194,6 +224,8 @@ def test_check_refuses_what_deepspeed_cannot_split():
     with pytest.raises(UnshardableModel, match="num_key_value_heads=2"):
         ds.check(transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4,
                                           num_key_value_heads=2), 4, 1)
+    with pytest.raises(UnshardableModel, match="AutoTP does not shard GPT2Config"):
+        ds.check(transformers.GPT2Config(n_embd=128, n_head=4, n_layer=2), 2, 1)
     # 192 = 3 blocks of 64: DeepSpeed gives one rank 128 columns and the other 64.
     with pytest.raises(UnshardableModel, match=r"intermediate_size=192 .* \[128, 64\]"):
         ds.check(transformers.LlamaConfig(hidden_size=128, intermediate_size=192, num_attention_heads=4,
