@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
@@ -135,6 +135,13 @@ def _start_communication() -> None:
         deepspeed.init_distributed()
     elif getattr(comm.cdb, "shm_comm_op", None) is not None:
         comm.cdb.shm_vector_kernel_level = 0  # a backend started earlier, with the kernel
+    # DeepSpeed takes the kernel when its op is registered and the backend's level allows it.
+    if hasattr(torch.ops.deepspeed, "inference_all_reduce_") and getattr(comm.cdb, "shm_vector_kernel_level", 0):
+        raise RuntimeError(
+            f"DeepSpeed {deepspeed.__version__} still uses its shared-memory all-reduce kernel, which reduces over "
+            "the whole world whatever the group: the deepspeed engine does not know how to turn it off in this "
+            "version (written for 0.19.8)"
+        )
 
 
 def load(path: str, topo: Topology, **kwargs: Any) -> torch.nn.Module:
@@ -163,10 +170,18 @@ def load(path: str, topo: Topology, **kwargs: Any) -> torch.nn.Module:
         engine = deepspeed.init_inference(model, tensor_parallel=tensor_parallel, dtype=model.dtype)
     model = engine.module
     for layer_name, module in _parallel_layers(model).items():
-        sizes = getattr(module, "_partition_sizes", None)
-        if sizes is not None and len(set(sizes)) > 1:
-            raise UnshardableModel(f"DeepSpeed split {layer_name} into unequal slices {list(sizes)}: "
-                                   "choose a tp that divides its dimensions in blocks of 64")
+        for pname, param in module.named_parameters(recurse=False):
+            split = _split(param)
+            if _style(module) is None or (split is not None and split.replicated):
+                continue  # undescribed layers are refused, whatever their split
+            if split is None:
+                raise RuntimeError(
+                    f"DeepSpeed {deepspeed.__version__} no longer records how it split {layer_name}.{pname} "
+                    "(ds_autotp_universal_checkpoint_meta): the deepspeed engine was written for 0.19.8"
+                )
+            if len(set(split.sizes)) > 1:
+                raise UnshardableModel(f"DeepSpeed split {layer_name}.{pname} into unequal slices {list(split.sizes)}: "
+                                       "choose a tp that divides its dimensions in blocks of 64")
         if type(module).__name__ == "LmHeadLinearAllreduce":
             module.forward = _any_leading_dims(module.forward)
     return model
@@ -201,21 +216,39 @@ def _style(module: torch.nn.Module) -> Optional[str]:
     return style
 
 
-def _parameters(module: torch.nn.Module) -> tuple[tuple[str, str], ...]:
-    """The placement of each sliced parameter of a swapped layer, from the split DeepSpeed
-    records on it (``ds_autotp_universal_checkpoint_meta``): ``shard(d)`` for equal slices
-    along ``d``; ``local`` for any other layout (a fused weight cut per sub-parameter, a
-    parameter without the record). Replicated parameters are whole and not listed."""
+class _Split(NamedTuple):
+    """How DeepSpeed split one parameter of a swapped layer, as it records it on the
+    parameter (``ds_autotp_universal_checkpoint_meta``)."""
+
+    replicated: bool
+    dim: Optional[int]
+    sizes: tuple[int, ...]
+    #: Cut sub-parameter by sub-parameter (a fused weight): no one dimension joins the slices.
+    fused: bool
+
+
+def _split(param: torch.Tensor) -> Optional[_Split]:
+    """The split DeepSpeed records on ``param``; ``None`` without a record."""
     from deepspeed.checkpoint.constants import DS_AUTOTP_UC_META
 
+    meta = getattr(param, DS_AUTOTP_UC_META, None)
+    if meta is None:
+        return None
+    return _Split(bool(meta.get("replicated")), meta.get("partition_dim"), tuple(meta.get("partition_sizes") or ()),
+                  bool(meta.get("sub_param_shard_widths")))
+
+
+def _parameters(module: torch.nn.Module) -> tuple[tuple[str, str], ...]:
+    """The placement of each sliced parameter of a swapped layer (:func:`_split`): ``shard(d)``
+    for equal slices along ``d``; ``local`` for any other layout (a fused weight, a parameter
+    without a record). Replicated parameters are whole and not listed."""
     found = []
     for pname, param in module.named_parameters(recurse=False):
-        meta = getattr(param, DS_AUTOTP_UC_META, None) or {}
-        if meta.get("replicated"):
+        split = _split(param)
+        if split is not None and split.replicated:
             continue
-        dim, sizes = meta.get("partition_dim"), meta.get("partition_sizes") or ()
-        even = dim is not None and len(set(sizes)) == 1 and not meta.get("sub_param_shard_widths")
-        found.append((pname, shard(dim) if even else LOCAL))
+        even = split is not None and split.dim is not None and len(set(split.sizes)) == 1 and not split.fused
+        found.append((pname, shard(split.dim) if even else LOCAL))
     return tuple(found)
 
 
