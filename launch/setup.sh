@@ -46,7 +46,7 @@ if [ "${NNSIGHT_DIST_LATEST:-0}" = 1 ]; then
   echo "torch==$torch" > "$venv/torch-constraint.txt"  # later installs must not replace it
   pip install -q --upgrade --upgrade-strategy eager -c "$venv/torch-constraint.txt" -e ".[$extras]"
   echo "setup: newest releases in $venv:" $(pip list --format=freeze 2>/dev/null |
-    grep -iE '^(torch|transformers|accelerate|tokenizers|safetensors|huggingface.hub|greenlet|tqdm|nnsight|pytest|pytest.timeout)==')
+    grep -iE '^(torch|transformers|accelerate|tokenizers|safetensors|huggingface.hub|greenlet|tqdm|nnsight|pytest|pytest.timeout|deepspeed)==')
 else
   stamp="$venv/.nnsight_dist_installed_${extras//,/_}"
   wanted="$(cat setup.cfg constraints.txt | sha256sum | cut -d' ' -f1)"

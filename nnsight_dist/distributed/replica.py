@@ -284,11 +284,13 @@ class ReplicaSeam(Seam):
         operation whose value is exactly a child module's call (the call ``self.<child>(x)``,
         or ``y = self.<child>(x)``: see :meth:`Seam.operations`) has the child's placement;
         any other operation holds a fragment the engine does not describe, and reading it
-        is refused."""
+        is refused. A module holding parameter fragments is tensor-parallel also when its
+        input and output are whole (it slices its input itself, then reduces)."""
         module = f"{path}.output"
         depth = len(path.split("."))
         modules = {name.split(".")[depth] for name in self.owner if name.startswith(path + ".")}
-        fragmented = any(loc.startswith(path + ".") for loc in self.fragmented)
+        fragmented = any(loc.startswith(path + ".") for loc in self.fragmented) or any(
+            owner == path for owner, _ in self.fragment_parameters)
         for name in names:
             attr, is_call = children.get(name, (None, False))
             child = f"{path}.{attr}" if attr in modules else None

@@ -20,6 +20,7 @@ from ..distributed.placement import LOCAL, WHOLE, shard, tuple_of
 STYLES = {
     "colwise": (WHOLE, shard(-1)),
     "rowwise": (shard(-1), WHOLE),
+    "rowwise_split_input": (WHOLE, WHOLE),  # cuts its whole input itself, then reduces
     "colwise_gather_output": (WHOLE, WHOLE),
     "embedding_rowwise": (WHOLE, WHOLE),
 }
