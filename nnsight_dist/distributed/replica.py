@@ -279,18 +279,21 @@ class ReplicaSeam(Seam):
                 if observer.routed and self.owner.get(location) is not None:
                     self._observed.append([observer.index, visit, whole])
 
-    def operations(self, path: str, names: list[str], children: dict[str, tuple[str, bool]]) -> None:
+    def operations(self, path: str, names: list[str], children: dict[str, tuple[str, bool]],
+                   instance: Any = None) -> None:
         """Operations live where their module lives. Inside a tensor-parallel module, an
         operation whose value is exactly a child module's call (the call ``self.<child>(x)``,
         or ``y = self.<child>(x)``: see :meth:`Seam.operations`) has the child's placement;
         any other operation holds a fragment the engine does not describe, and reading it
-        is refused. A module holding parameter fragments is tensor-parallel also when its
-        input and output are whole (it slices its input itself, then reduces)."""
+        is refused. A module holding parameter fragments (listed by the engine, or ``DTensor``
+        shards) is tensor-parallel also when its input and output are whole: it slices its
+        input itself, or gathers or reduces its output, and what comes before is a fragment."""
         module = f"{path}.output"
         depth = len(path.split("."))
         modules = {name.split(".")[depth] for name in self.owner if name.startswith(path + ".")}
-        fragmented = any(loc.startswith(path + ".") for loc in self.fragmented) or any(
-            owner == path for owner, _ in self.fragment_parameters)
+        fragmented = (any(loc.startswith(path + ".") for loc in self.fragmented)
+                      or any(owner == path for owner, _ in self.fragment_parameters)
+                      or (instance is not None and _holds_dtensor_shards(instance)))
         for name in names:
             attr, is_call = children.get(name, (None, False))
             child = f"{path}.{attr}" if attr in modules else None
@@ -599,6 +602,13 @@ class ReplicaSeam(Seam):
             raise DivergenceError(f"ranks {ranks} ran {steps} steps of the model")
         logs = all_gather_json(entries, group, len(ranks), self.failures)
         raise DivergenceError(first_difference(ranks, logs))
+
+
+def _holds_dtensor_shards(module: torch.nn.Module) -> bool:
+    """Whether a parameter of ``module`` itself (not of its children) is a ``DTensor`` that
+    is not replicated: its forward computes on this rank's fragment."""
+    return any(not all(p.is_replicate() for p in param.placements)
+               for param in module.parameters(recurse=False) if hasattr(param, "placements"))
 
 
 def _spanning(placements: dict[str, Placement]) -> dict[str, list[int]]:

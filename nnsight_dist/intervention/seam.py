@@ -86,12 +86,14 @@ class Seam:
         """Take over observing this fragment (to assemble it later, with others); True if taken."""
         return False
 
-    def operations(self, path: str, names: list[str], children: dict[str, tuple[str, bool]]) -> None:
+    def operations(self, path: str, names: list[str], children: dict[str, tuple[str, bool]],
+                   instance: Any = None) -> None:
         """The module at ``path`` exposed the ``.source`` operations ``names``.
 
         ``children`` maps an operation whose value is exactly that of a call
         ``self.<attr>(...)`` of the module to ``(attr, is_call)``: the call itself
         (``is_call``: its inputs are the call's) or an assignment of that value.
+        ``instance`` is the module itself when the operations are its own forward's.
         """
 
     def placement(self, location: str) -> str:

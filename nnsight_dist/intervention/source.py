@@ -111,7 +111,7 @@ class EnvoySource:
         names = list(injected.lines)
         op_call = interleaver.operation(path, names)
         own = module is not None and inspect.ismethod(fn) and fn.__self__ is module
-        interleaver.seam.operations(path, names, injected.attribute_calls if own else {})
+        interleaver.seam.operations(path, names, injected.attribute_calls if own else {}, module)
         listing = cls(path, display, injected.source, injected.lines, interleaver)
         calls["call"] = listing._caller(op_call)
         new_fn = injected.fn

@@ -146,6 +146,37 @@ def test_fragment_operations_refused_tp2(tmp_path):
             assert "tensor-parallel fragment" in message, (op, message)
 
 
+def _whole_boundary_refusals(rank: int, path: str, engine: str) -> dict[str, list[str]]:
+    """Every operation of the modules whose input and output are whole but whose weights
+    are shards (the head gathers its columns, the embedding reduces its rows): read each."""
+    model = nd.LanguageModel(path, tp=2, engine=engine)
+    out: dict[str, list[str]] = {}
+    for envoy in (model.lm_head, model.model.embed_tokens):
+        source = envoy.source
+        for op in source.line_numbers:
+            try:
+                with model.trace(PROMPT):
+                    getattr(source, op).output.save()
+                message = "served"
+            except NNsightError as error:
+                message = str(error)
+            out.setdefault(envoy.path, []).append(message)
+    return out
+
+
+@pytest.mark.parametrize("engine", ["transformers", "torch"])
+def test_operations_inside_sharded_whole_modules_refused_tp2(tmp_path, engine):
+    """Inside a module that holds weight shards, what precedes its gather or reduction is
+    this rank's part: no operation of it is shown (it is never served as the whole value)."""
+    path = nd.testing.make_tiny_model(str(tmp_path))
+    for result in run_ranks(_whole_boundary_refusals, 2, path, engine, timeout=180):
+        assert set(result) == {"model.lm_head", "model.model.embed_tokens"}
+        for module, messages in result.items():
+            assert messages, module
+            for message in messages:
+                assert "tensor-parallel fragment" in message, (module, message)
+
+
 @pytest.mark.parametrize("forward,expected", [
     ("def forward(self, x):\n    y = self.fc(x)\n    return y\n", {"self_fc_0": ("fc", True), "y_0": ("fc", False)}),
     # a value that is not exactly the call, a rebound receiver, a reassigned attribute: none
