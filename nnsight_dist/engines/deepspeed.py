@@ -102,7 +102,10 @@ def check(config: Any, tp: int, pp: int) -> None:
 
 def _require_deepspeed() -> None:
     try:
-        import deepspeed  # noqa: F401
+        # DeepSpeed's logger binds itself to the stdout of its first import: its notes
+        # (the accelerator it picked) go to stderr, the user's stdout stays the user's.
+        with contextlib.redirect_stdout(sys.stderr):
+            import deepspeed  # noqa: F401
     except ImportError as error:
         raise ImportError("engine='deepspeed' needs DeepSpeed: pip install 'nnsight_dist[deepspeed]'") from error
 

@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import random
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -238,7 +239,9 @@ def make_tiny_model(
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _init_weights(model, seed)
     model.eval()
-    with _no_progress_bars():
+    # accelerate imports DeepSpeed here when it is installed, and DeepSpeed's logger binds
+    # itself to the stdout of that moment: the caller's stdout stays the caller's.
+    with _no_progress_bars(), contextlib.redirect_stdout(sys.stderr):
         model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
 
