@@ -131,3 +131,22 @@ def trace_values(model) -> dict[str, torch.Tensor]:
     v["generate_steps"] = torch.stack(steps)
     v["generate_tokens"] = tokens
     return {k: t.detach().clone() for k, t in v.items()}
+
+
+def assert_conformance(results: list[dict], expected: dict, per_replica: int, label: str) -> None:
+    """``results`` (one dict of :func:`trace_values` per rank; ``per_replica`` = tp·pp
+    ranks per replica) against ``expected`` (one process): the same names (the sharded
+    cache is gathered on each replica's first rank only), shapes, values within 1e-4
+    relative, and bit-identical across every rank of the run."""
+    for rank, values in enumerate(results):
+        first = rank % per_replica == 0
+        names = set(expected) if first else {k for k in expected if not k.startswith("sharded_")}
+        assert set(values) == names, f"{label} rank {rank}: {sorted(set(values) ^ names)}"
+        for name in names:
+            want, got = expected[name], values[name]
+            assert got.shape == want.shape, f"{label} rank {rank} {name}: {tuple(got.shape)} vs {tuple(want.shape)}"
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m: f"{label} rank {rank} {name}: {m}")
+    for rank, values in enumerate(results[1:], 1):
+        for name in values:
+            assert torch.equal(values[name], results[0][name]), f"{label}: {name} differs on rank {rank}"
+

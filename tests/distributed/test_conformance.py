@@ -15,7 +15,7 @@ import torch
 import nnsight_dist as nd
 from nnsight_dist.testing.ranks import run_ranks
 
-from .scenarios import PROMPTS, trace_values
+from .scenarios import PROMPTS, assert_conformance, trace_values
 
 TOPOLOGIES = {  # name: (world, tp, pp)
     "tp2": (2, 2, 1),
@@ -43,19 +43,8 @@ def test_conformance(reference, topology):
     world, tp, pp = TOPOLOGIES[topology]
     results = run_ranks(_rank_values, world, path, tp, pp, timeout=180, env={"NNSIGHT_DIST_TIMEOUT": "60"})
     assert len(expected) >= 20
-    gathered_on = list(range(0, world, tp * pp))  # each replica's first rank
-    for rank, values in enumerate(results):
-        names = set(expected) if rank in gathered_on else {k for k in expected if not k.startswith("sharded_")}
-        assert set(values) == names, f"{topology} rank {rank}: {sorted(set(values) ^ names)}"
-        for name in names:
-            want, got = expected[name], values[name]
-            assert got.shape == want.shape, f"{topology} rank {rank} {name}: {tuple(got.shape)} vs {tuple(want.shape)}"
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5,
-                                       msg=lambda m: f"{topology} rank {rank} {name}: {m}")
-    # Replicas of one run agree bit for bit (dp replicas trace the same inputs here).
-    for rank, values in enumerate(results[1:], 1):
-        for name in values:
-            assert torch.equal(values[name], results[0][name]), f"{topology}: {name} differs on rank {rank}"
+    # Replicas of one run agree bit for bit too (dp replicas trace the same inputs here).
+    assert_conformance(results, expected, tp * pp, topology)
 
 
 def _replica_values(rank: int, path: str) -> dict:

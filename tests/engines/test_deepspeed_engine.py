@@ -22,7 +22,7 @@ import nnsight_dist as nd  # noqa: E402
 from nnsight_dist.intervention.errors import MissedProviderError, NNsightError, UnshardableModel  # noqa: E402
 from nnsight_dist.testing.ranks import run_ranks  # noqa: E402
 
-from distributed.scenarios import PROMPTS, trace_values  # noqa: E402
+from distributed.scenarios import PROMPTS, assert_conformance, trace_values  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 #: Check mode (as tests/distributed): every value served whole is compared across the tp group.
@@ -43,16 +43,7 @@ def _values(rank: int, path: str) -> dict:
 def test_conformance(reference, world):
     path, expected = reference
     results = run_ranks(_values, world, path, timeout=300, env=ENV)
-    for rank, values in enumerate(results):
-        names = set(expected) if rank % 2 == 0 else {k for k in expected if not k.startswith("sharded_")}
-        assert set(values) == names, f"rank {rank}: {sorted(set(values) ^ names)}"
-        for name in names:
-            assert values[name].shape == expected[name].shape, f"rank {rank} {name}"
-            torch.testing.assert_close(values[name], expected[name], rtol=1e-4, atol=1e-5,
-                                       msg=lambda m: f"rank {rank} {name}: {m}")
-    for rank, values in enumerate(results[1:], 1):
-        for name in values:
-            assert torch.equal(values[name], results[0][name]), f"{name} differs on rank {rank}"
+    assert_conformance(results, expected, 2, f"deepspeed world {world}")
 
 
 def _parameters_and_placements(rank: int, path: str) -> dict:

@@ -21,7 +21,7 @@ import torch
 import transformers
 
 import nnsight_dist as nd
-from distributed.scenarios import trace_values
+from distributed.scenarios import assert_conformance, trace_values
 from distributed.test_gradients_pp2 import grad_values
 from distributed.test_gradients_tp2 import PROMPTS, close, gradient_values
 from nnsight_dist.distributed.placement import LOCAL, WHOLE, elements, shard_dim
@@ -53,17 +53,7 @@ def test_conformance(reference, topology):
     path, reference = reference
     world, tp, pp = TOPOLOGIES[topology]
     results = run_ranks(_rank_values, world, path, tp, pp, timeout=240, env=ENV)
-    gathered_on = range(0, world, tp * pp)  # each replica's first rank (each dp replica has its own tp mesh)
-    for rank, values in enumerate(results):
-        names = set(reference) if rank in gathered_on else {k for k in reference if not k.startswith("sharded_")}
-        assert set(values) == names, f"{topology} rank {rank}: {sorted(set(values) ^ names)}"
-        for name in names:
-            want, got = reference[name], values[name]
-            assert got.shape == want.shape, f"{topology} rank {rank} {name}: {tuple(got.shape)} vs {tuple(want.shape)}"
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5,
-                                       msg=lambda m: f"{topology} rank {rank} {name}: {m}")
-        for name in values:
-            assert torch.equal(values[name], results[0][name]), f"{topology}: {name} differs on rank {rank}"
+    assert_conformance(results, reference, tp * pp, f"torch {topology}")
 
 
 def _generated(model) -> dict:
@@ -180,13 +170,17 @@ def _gradients(rank: int, path: str) -> dict:
 def test_gradients_match_one_process(path):
     """DTensor's collectives are differentiable: ``.grad`` of every placement, writes to it
     and parameter gradients (DTensor shards) as in one process, the same on both ranks."""
-    want = gradient_values(nd.LanguageModel(path), PROMPTS[0])
-    results = run_ranks(_gradients, 2, path, timeout=240, env=ENV)
+    _assert_gradients(run_ranks(_gradients, 2, path, timeout=240, env=ENV),
+                      gradient_values(nd.LanguageModel(path), PROMPTS[0]))
+
+
+def _assert_gradients(results: list[dict], want: dict) -> None:
+    """Every rank's gradients are one process's, and the same on every rank."""
     for rank, values in enumerate(results):
         assert set(values) == set(want)
         for name, got in values.items():
             close(got, want[name], f"rank {rank} {name}")
-            assert torch.equal(got, results[0][name]), f"{name} differs between the tp ranks"
+            assert torch.equal(got, results[0][name]), f"{name} differs between ranks 0 and {rank}"
 
 
 def _stage_gradients(rank: int, path: str) -> dict:
@@ -195,13 +189,7 @@ def _stage_gradients(rank: int, path: str) -> dict:
 
 def test_gradients_tp2_pp2_match_one_process(path):
     """Gradients cross stages (the router's transfers) and tensor-parallel layers (DTensor's)."""
-    want = grad_values(nd.LanguageModel(path))
-    results = run_ranks(_stage_gradients, 4, path, timeout=300, env=ENV)
-    for rank, values in enumerate(results):
-        assert set(values) == set(want)
-        for name, got in values.items():
-            close(got, want[name], f"rank {rank} {name}")
-            assert torch.equal(got, results[0][name]), f"{name} differs between the ranks"
+    _assert_gradients(run_ranks(_stage_gradients, 4, path, timeout=300, env=ENV), grad_values(nd.LanguageModel(path)))
 
 
 def test_a_plan_style_torch_has_no_style_for_is_refused_before_loading(path):
