@@ -479,11 +479,9 @@ class ReplicaSeam(Seam):
             router.stage_local, failures.scope = False, None
 
     def close(self) -> None:
-        """Check mode's comparison, then the digest barrier (see the module docstring): the
-        barrier is the last thing a trace does, so a rank that fails has not passed it, and
-        neither has any other rank of its scope (it waits there for the failed one)."""
-        self.check.compare()
+        """The digest barrier (see the module docstring), then check mode's comparison."""
         self._barrier()
+        self.check.compare()
 
     def failed(self, error: BaseException) -> None:
         """The run failed here: tell the other ranks now (they stop waiting for this one and
@@ -526,9 +524,8 @@ class ReplicaSeam(Seam):
     def _settle(self) -> None:
         """The end of a failed trace on every rank: write this rank's ledger of collectives
         (:class:`~.failure.Failures`) to the store, wait (bounded by the timeout) until
-        every other rank of the replica has written its own (each fails too: none passes
-        the end-of-trace barrier without this one, see :meth:`close`), and issue the
-        collectives this rank missed."""
+        every other rank of the replica has written its own or passed the end-of-trace
+        barrier, and issue the collectives this rank missed."""
         store = self.failures._store
         if store is None:
             return
@@ -546,6 +543,8 @@ class ReplicaSeam(Seam):
                     if store.check([key]):
                         ledgers[rank] = json.loads(store.get(key).decode())
                         pending.remove(rank)
+                    elif store.check([f"nnsight_dist/done/{trace}/{rank}"]):
+                        pending.remove(rank)  # it passed the barrier: its ledger is ours
                 if pending:
                     time.sleep(0.002)
             self.failures.reconcile(ledgers)
@@ -564,6 +563,11 @@ class ReplicaSeam(Seam):
             return
         parts = [torch.zeros(3, dtype=torch.long) for _ in ranks]
         self.failures.all_gather(parts, mine, group, "the end-of-trace barrier", "the replica")
+        if self.failures._store is not None and self.check.compares():
+            # Read by a rank that fails after the barrier (only check mode's comparison comes
+            # after it) deciding whether the others are still running; a store round trip,
+            # so only then.
+            self.failures.set("done", "ok")
         if all(torch.equal(p, mine) for p in parts):
             return
         steps = [int(p[0]) for p in parts]
