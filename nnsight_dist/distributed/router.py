@@ -154,7 +154,7 @@ def _pieces(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Ten
             t = t.detach()
         if t.device != device:
             t = t.to(device)
-        pieces.append(t.reshape(-1).view(torch.uint8))
+        pieces.append(t.contiguous().view(-1).view(torch.uint8))
         pad = -_nbytes(t) % _ALIGN
         if pad:
             pieces.append(_PADS[pad].to(device))
@@ -343,7 +343,8 @@ class Router:
         ``location``: a served value at a location of :attr:`carried` is held (outside a
         stage-local trace and a trace that keeps autograd links); the engine's own send
         (``location`` naming what it sends) carries the held values it equals, unchanged, as
-        extra keys. Any other send to ``dst``, and every wait, sends the held values first.
+        extra keys. Any other send to ``dst`` sends the held values first, and so does every
+        router wait before it blocks.
         """
         with _real_tensors():
             if key[0] == "v" and location in self.carried and self._can_hold(value):
@@ -363,7 +364,7 @@ class Router:
             and not _shape_only(value) and not value.is_inference()
 
     def flush(self) -> None:
-        """Send every held value now (before a wait: its receiver may need it to answer)."""
+        """Send every held value now."""
         for dst in list(self.held):
             with _real_tensors():
                 for key, _, _, copy in self.held.pop(dst):
@@ -531,12 +532,14 @@ class Router:
         def arrived() -> bool:
             return (self.trace, key) in self.mailbox
 
-        self.flush()
         self.failures.wait(arrived, what, source, lambda: self.poll(arrived), self._idle, engine)
         return self.take(key)[1]
 
     def _idle(self, seconds: float) -> None:
-        """Sleep until a message arrives on any stream or a send completes, or ``seconds``."""
+        """Send the held values (a peer may need one to answer: an ad-hoc call's result served
+        at a carried location, say), then sleep until a message arrives on any stream or a
+        send completes, or ``seconds``."""
+        self.flush()
         if self.arrived.wait(seconds):
             self.arrived.clear()
 
