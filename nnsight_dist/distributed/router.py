@@ -35,7 +35,6 @@ engine sends that very tensor, unchanged, the served value rides on the engine's
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import math
 import queue
@@ -93,8 +92,6 @@ def _output_class(name: Optional[list]) -> Optional[type]:
 
 def _real_tensors():
     """Buffers that really travel must be real even inside a scan's fake-tensor mode."""
-    if not torch._C._len_torch_dispatch_stack():
-        return contextlib.nullcontext()
     from torch.utils._python_dispatch import _disable_current_modes
 
     return _disable_current_modes()
@@ -463,8 +460,7 @@ class Router:
                 message = lost_contact(stream.next, stream.peer)
                 if message is None:
                     break
-                with _real_tensors():
-                    self._deliver(stream.peer, *message)
+                self._deliver(stream.peer, *message)
                 got = True
         return got
 
@@ -472,16 +468,18 @@ class Router:
                  device_bytes: Optional[torch.Tensor]) -> None:
         if trace < self.trace:
             return  # left over from a trace that already ended (it failed): nobody wants it
-        meta = json.loads(body.numpy()[_HEADER:_HEADER + size].tobytes())
-        specs = meta["tensors"]
-        tensors = []
-        if specs:
-            host = iter(_unpack(body, _HEADER + _aligned(size), [s[:2] for s in specs if not s[2]]))
-            on_device = iter(_unpack(device_bytes, 0, [s[:2] for s in specs if s[2]]) if device_bytes is not None else ())
-            tensors = [next(on_device) if s[2] else next(host) for s in specs]
-            device = self.topo.device
-            if device.type != "cpu":
-                tensors = [t if t.device == device else t.to(device) for t in tensors]
+        with _real_tensors():  # the buffers are real; a scan's shape-only values decode below, as fakes
+            meta = json.loads(body.numpy()[_HEADER:_HEADER + size].tobytes())
+            specs = meta["tensors"]
+            tensors = []
+            if specs:
+                host = iter(_unpack(body, _HEADER + _aligned(size), [s[:2] for s in specs if not s[2]]))
+                on_device = iter(_unpack(device_bytes, 0, [s[:2] for s in specs if s[2]])
+                                 if device_bytes is not None else ())
+                tensors = [next(on_device) if s[2] else next(host) for s in specs]
+                device = self.topo.device
+                if device.type != "cpu":
+                    tensors = [t if t.device == device else t.to(device) for t in tensors]
         key = tuple(_tuple(k) for k in meta["key"])
         if meta.get("grad"):
             tensors = self._tracked(trace, peer, key, tensors, meta["grad"])
