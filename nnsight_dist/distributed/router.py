@@ -9,8 +9,8 @@ byte buffer:
 2. the meta, JSON bytes ``{"key": [...], "value": structure, "tensors": [[dtype, shape,
    on device], ...]}`` where the structure holds lists, dicts, numbers, strings and
    ``{"__tensor__": i}``;
-3. the raw bytes of every host tensor, each at an 8-byte boundary (so it arrives as a view
-   of the buffer: no copy).
+3. the raw bytes of every host tensor, each at an 8-byte boundary (so it is read in place,
+   with its own dtype).
 
 A buffer of at most :data:`SLOT` bytes is one transfer: every stream keeps a receive of
 that size posted (gloo fills a larger receive with a shorter message); a longer one
@@ -160,11 +160,12 @@ def _pieces(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Ten
 
 def _unpack(buffer: torch.Tensor, offset: int, specs: list) -> list[torch.Tensor]:
     """The tensors of a payload (see :func:`_pieces`; ``specs``: ``[dtype, shape]``) from
-    ``offset`` of the byte ``buffer`` on, as views of it."""
+    ``offset`` of the byte ``buffer`` on, each a copy with a storage of its own (views of
+    one buffer would share it across dtypes, which ``torch.save`` refuses)."""
     found = []
     for dtype, shape in specs:
         n = math.prod(shape) * _SIZES[dtype]
-        found.append(buffer[offset:offset + n].view(_DTYPES[dtype]).view(shape))
+        found.append(buffer[offset:offset + n].view(_DTYPES[dtype]).view(shape).clone())
         offset += _aligned(n)
     return found
 
