@@ -35,6 +35,7 @@ engine sends that very tensor, unchanged, the served value rides on the engine's
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import queue
@@ -92,6 +93,8 @@ def _output_class(name: Optional[list]) -> Optional[type]:
 
 def _real_tensors():
     """Buffers that really travel must be real even inside a scan's fake-tensor mode."""
+    if not torch._C._len_torch_dispatch_stack():
+        return contextlib.nullcontext()  # no mode: nothing to leave (the common case, per message)
     from torch.utils._python_dispatch import _disable_current_modes
 
     return _disable_current_modes()
