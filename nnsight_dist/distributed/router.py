@@ -303,11 +303,11 @@ class Router:
         #: Set whenever a message arrives on any stream or a send completes (wakes waits).
         self.arrived = threading.Event()
         self.incoming = {peer: _Incoming(peer, group, self.arrived, self.device_groups.get(peer, (None, None))[1],
-                                         self.device or torch.device("cpu"))
+                                         self.device or _CPU)
                          for peer in self.peers}
         self.sender = Waiter()
         self.mailbox: dict[tuple, tuple[int, Any]] = {}
-        self.sends: list[tuple[Any, list[torch.Tensor]]] = []
+        self.sends: list[tuple[list, list]] = []  # (works, the buffers they send)
         self.messages = 0
         self.bytes = 0
         #: Messages and payload bytes sent in the current trace, by kind of key
