@@ -65,7 +65,10 @@ them with the minimum:
 
 * interventions: one message per served value of a stage-owned location, to each other
   stage (``(pp-1) * tp`` messages, each the whole value) -- the distinct requests of the
-  scenario: 0, 1, 4, 1, every stage-owned module output, 3 (one ``lm_head`` read per step);
+  scenario: 0, 1, 4, 1, every stage-owned module output, 3 (one ``lm_head`` read per step)
+  -- except to the stages the engine's own messages already take it to, unchanged (a
+  stage's last layer output to the next stage, ``lm_head``'s to every other): at pp=2,
+  ``every_layer`` needs 3 and ``generate`` none;
 * engine: one hidden-state message per stage boundary per step, and the logits to each
   other stage per step (``(pp-1) * tp * steps`` each);
 * tp gathers: one per rank per read of a fragmented value. Which module outputs are

@@ -102,16 +102,24 @@ def minimum(s: Any, name: str, reads: list[tuple[str, Any]]) -> dict[str, list[i
     topo = s.topo
     if topo.pp == 1:
         return {}
+    from nnsight_dist.engines.transformers import layer_range
+
     table = s.nd_model.placements()
     receivers = (topo.pp - 1) * topo.tp
-    owned = [(table[path].owner_stage, v) for path, v in reads if table[path].owner_stage is not None]
-    size = sum(nbytes(v) for _, v in owned) * receivers
+    owned = [(path, table[path].owner_stage, v) for path, v in reads if table[path].owner_stage is not None]
+    size = sum(nbytes(v) for _, _, v in owned) * receivers
     if name == "cache":
         # observed values travel together: one message from each owning rank to each other stage
-        senders = len({stage for stage, _ in owned}) * topo.tp
+        senders = len({stage for _, stage, _ in owned}) * topo.tp
         mins = {"o": [senders * (topo.pp - 1), size]} if owned else {}
     else:
-        mins = {"v": [len(owned) * receivers, size]} if owned else {}
+        # A value read unchanged where the engine sends on (a stage's last layer to the next
+        # stage, lm_head to every other) rides on the engine's message to those stages.
+        carried = {f"model.model.layers.{layer_range(st, topo.pp, s.n_layers)[1] - 1}": 1 for st in range(topo.pp - 1)}
+        carried["model.lm_head"] = topo.pp - 1
+        alone = [(topo.pp - 1 - carried.get(path, 0)) * topo.tp for path, _, _ in owned]
+        sent = [n * nbytes(v) for n, (_, _, v) in zip(alone, owned)]
+        mins = {"v": [sum(alone), sum(sent)]} if sum(alone) else {}
     mins.update(s.engine_min["generate" if name == "generate" else "forward"])
     return mins
 

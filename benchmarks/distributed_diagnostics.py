@@ -21,8 +21,8 @@ from common import median_ms as med
 def micro(s: Any, trace: Callable[[Any, str], Any], n: int = 100) -> str:
     """Costs of the pieces, measured in place (``--micro``; instruments internals, timing only):
 
-    - the two end-of-trace exchanges of an empty trace (``ReplicaSeam.drain``: the replica
-      all-gathers how many router messages each rank sent; ``ReplicaSeam.close``: the
+    - the two end-of-trace steps of an empty trace (``ReplicaSeam.drain``: every rank sends
+      its end of trace on its streams and waits for its peers'; ``ReplicaSeam.close``: the
       digest barrier), against a bare blocking all-gather of ``int64[3]``;
     - tp: the end-of-run gather of a ``cache`` trace's fragments
       (``ReplicaSeam._assemble_fragments``, one collective per dtype) against a bare

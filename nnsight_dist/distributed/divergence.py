@@ -65,12 +65,16 @@ class CheckMode:
         self.checking = os.environ.get("NNSIGHT_DIST_CHECK", "") not in ("", "0")
         self._checks = []
 
+    def compares(self) -> bool:
+        """Whether this trace ends with the ranks' comparison (:meth:`compare`)."""
+        return self.checking and self.topo.tp > 1
+
     def verify(self, location: str, value: Any) -> None:
         """``value`` was served as whole at ``location``: keep a digest of its tensors. The
         ranks compare theirs when the trace closes (:meth:`compare`): one exchange per trace,
         and ranks that ran different code still reach the divergence report instead of
         waiting in mismatched collectives."""
-        if not self.checking or self.topo.tp == 1:
+        if not self.compares():
             return
         found = tensors(value)
         if found and not any(_shape_only(t) for t in found):  # a scan's tensors have no data
@@ -79,7 +83,7 @@ class CheckMode:
     def compare(self) -> None:
         """Raise :class:`DivergenceError` naming the first whole value whose digests differ
         between the ranks of the tensor-parallel group, and which ranks hold which."""
-        if not self.checking or self.topo.tp == 1:
+        if not self.compares():
             return
         logs = all_gather_json(self._checks, self.topo.group("tp"), self.topo.tp, self.failures)
         ranks = self.failures.members("tp")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from datetime import timedelta
 from typing import Any, Callable, Optional
 
 import torch
@@ -158,7 +159,11 @@ class Failures:
         """
         if done():
             return
-        deadline = time.monotonic() + self.topo.timeout
+        start = time.monotonic()
+        deadline = start + self.topo.timeout
+        # A store round trip costs about as much as a short wait: the store is read once the
+        # wait has lasted _CHECK_EVERY (a wait that ends sooner needed nobody's error).
+        self._last_check = max(self._last_check, start)
         pause = 0.0
         while not done():
             if progress is not None and progress():
@@ -186,8 +191,15 @@ class Failures:
             pause = min(0.002, pause * 2 or 0.00005)
 
     def wait_work(self, work: Any, what: str, source: Any, engine: bool = False) -> None:
-        """Wait for a ``torch.distributed`` async work handle (see :meth:`wait`)."""
-        self.wait(lambda: lost_contact(work.is_completed, source), what, source, engine=engine)
+        """Wait for a collective's async work handle (see :meth:`wait`), blocked in it between
+        the checks (so its end is seen at once)."""
+        def idle(seconds: float) -> None:
+            try:
+                work.wait(timedelta(seconds=seconds))
+            except (RuntimeError, dist.DistError):
+                pass  # the slice ended (a collective's timed wait leaves it posted), or it failed: see below
+
+        self.wait(lambda: lost_contact(work.is_completed, source), what, source, idle=idle, engine=engine)
         lost_contact(work.wait, source)
 
     # ------------------------------------------------------------------ collectives

@@ -18,11 +18,11 @@ engine's placements:
   (:meth:`ReplicaSeam.backward`), and the gradient of a tensor-parallel parameter is served
   whole (:meth:`ReplicaSeam.gradient_codec`).
 
-At the end of a trace (:meth:`ReplicaSeam.drain`) the ranks tell each other how many
-messages each sent to each, drain their streams until all have arrived (serving late
-arrivals), complete their sends, and pass a cross-rank barrier comparing a digest of what
-they served (:meth:`ReplicaSeam.close`): a difference raises :class:`DivergenceError`
-naming the first one.
+At the end of a trace (:meth:`ReplicaSeam.drain`) every rank ends its streams with an
+end-of-trace message and takes in its peers' streams up to theirs (serving late
+arrivals), completes its sends, and passes a cross-rank barrier comparing a digest of what
+it served (:meth:`ReplicaSeam.close`), the trace's one closing collective: a difference
+raises :class:`DivergenceError` naming the first one.
 
 A failed run publishes its error at once (:meth:`ReplicaSeam.failed`), so the other ranks
 raise :class:`RemoteError` instead of waiting, and runs its model call to the end without
@@ -74,7 +74,8 @@ def shared_router(topo: Topology) -> Router:
     routers would race for the same messages), one trace at a time."""
     router = _ROUTERS.get(id(topo))
     if router is None:
-        router = _ROUTERS[id(topo)] = Router(topo, Failures(topo), topo.group("router"))
+        router = _ROUTERS[id(topo)] = Router(topo, Failures(topo), topo.group("router"), topo.payload_groups(),
+                                             topo.device)
         at_exit(router.close)
     return router
 
@@ -116,7 +117,7 @@ class ReplicaSeam(Seam):
             # What the traced call returned holds the model's output (its key/value cache too).
             self.codecs["result"] = self._codec(WHOLE, "tracer.result", False, "")
         self.log: list[tuple[int, int, str]] = []
-        self._expected: Optional[dict[int, int]] = None
+        self._ended = False
         self._observed: list = []
         self._fragments: list = []
         self.attribute_reads = 0
@@ -141,7 +142,7 @@ class ReplicaSeam(Seam):
     def served(self, mediator: int, seq: int, location: str, value: Any) -> None:
         self.log.append((mediator, seq, location))
         if self.owner.get(location) is not None:
-            self.router.broadcast(("v", mediator, seq, location), value)
+            self.router.broadcast(("v", mediator, seq, location), value, location=location)
 
     def fetch(self, mediator: int, seq: int, location: str) -> tuple[bool, Any]:
         # A message for this request under another location is left over and reported as a
@@ -438,20 +439,20 @@ class ReplicaSeam(Seam):
         self.router.next_trace()
         self.gradients.begin(self.interleaver.calls_backward)
         self.log = []
-        self._expected: Optional[dict[int, int]] = None
+        self._ended = False
         self._observed: list = []
         self._fragments: list = []
 
     def drain(self) -> None:
         """Take in every message of this trace (serving late arrivals); complete the sends.
 
-        The ranks exchange how many messages each sent to each (a collective, not a router
-        message: a trace whose values never cross stages costs the router nothing).
+        Every rank ends its streams with an end-of-trace message (:meth:`.Router.end_trace`)
+        and takes in its peers' streams up to theirs: a message, not a collective, so the
+        digest barrier (:meth:`close`) is the one collective that ends a trace.
         """
         if self._fragments:
             self._assemble_fragments()
         router = self.router
-        ranks = self.topo.replica_ranks()
         if not router.peers:
             return  # one stage: nothing travels between stages
         if router.stage_local:
@@ -463,17 +464,14 @@ class ReplicaSeam(Seam):
                     "their own stage")
             router.complete_sends()
             return
-        if self._observed:
-            router.broadcast(("o", self.topo.rank), self._observed)
-            self._observed = []
-        if self._expected is None:
-            mine = torch.tensor([router.sent.get(r, 0) for r in ranks], dtype=torch.long)
-            parts = [torch.zeros(len(ranks), dtype=torch.long) for _ in ranks]
-            self.failures.all_gather(parts, mine, self.topo.group("replica"), "the end of the trace", "the replica")
-            me = ranks.index(self.topo.rank)
-            self._expected = {peer: int(parts[ranks.index(peer)][me]) for peer in router.peers}
-        router.wait_received(self._expected)
-        router.complete_sends()
+        if not self._ended:
+            if self._observed:
+                router.broadcast(("o", self.topo.rank), self._observed)
+                self._observed = []
+            router.end_trace()
+            self._ended = True
+        router.wait_ends()
+        router.complete_sends(wait=False)
         self._check_leftovers()
 
     def _check_leftovers(self) -> None:
@@ -592,9 +590,11 @@ class ReplicaSeam(Seam):
             return
         parts = [torch.zeros(3, dtype=torch.long) for _ in ranks]
         self.failures.all_gather(parts, mine, group, "the end-of-trace barrier", "the replica")
-        if self.failures._store is not None:
+        if self.failures._store is not None and self.check.compares():
+            # Read by a rank that fails after the barrier (only check mode's comparison comes
+            # after it) deciding whether the others are still running; a store round trip,
+            # so only then.
             self.failures.set("done", "ok")
-            # (read by a failing rank deciding whether the others are still running)
         if all(torch.equal(p, mine) for p in parts):
             return
         steps = [int(p[0]) for p in parts]

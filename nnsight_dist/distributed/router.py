@@ -2,25 +2,44 @@
 
 Rank ``(stage s, tp t)`` talks to ``(stage s', tp t)`` for every other stage ``s'``. Each
 ordered pair is one *stream*: messages arrive in the order they were sent (gloo keeps a
-pair's messages in order, and nothing here relies on tags). A message is
+pair's messages in order, and nothing here relies on tags). A message is one contiguous
+byte buffer:
 
-1. a header: ``int64[3] = (trace, bytes of meta, bytes of body)``;
-2. a body: the meta, JSON bytes ``{"key": [...], "value": structure, "tensors": [[dtype,
-   shape], ...]}`` where the structure holds lists, dicts, numbers, strings and
-   ``{"__tensor__": i}``, followed by the raw bytes of every tensor.
+1. a header: ``int64[4] = (trace, bytes of meta, bytes of the buffer, bytes on the device)``;
+2. the meta, JSON bytes ``{"key": [...], "value": structure, "tensors": [[dtype, shape,
+   on device], ...]}`` where the structure holds lists, dicts, numbers, strings and
+   ``{"__tensor__": i}``;
+3. the raw bytes of every host tensor, each at an 8-byte boundary (so it is read in place,
+   with its own dtype).
 
-Nothing is pickled. The receiver keeps one header receive posted per incoming stream at
-all times and drains every stream in order into a *mailbox* keyed by ``(trace, key)``, so
-the order in which its mediators ask does not matter and a message never lands in a
-receive meant for another. Sends are asynchronous (on copies, so later in-place edits do
-not race them) and completed at the end of each trace.
+A buffer of at most :data:`SLOT` bytes is one transfer: every stream keeps a receive of
+that size posted (gloo fills a larger receive with a shorter message); a longer one
+travels as its first :data:`SLOT` bytes and the rest. Tensors on an accelerator travel
+apart, on the device, packed the same way into one buffer there, over a process group of
+the device's backend (NCCL): one group per direction of each pair of stages, so that two
+stages sending to each other at once never queue behind each other on one device stream
+(:meth:`.Topology.payload_groups`). The host buffer says how many bytes follow there.
+
+Nothing is pickled. A thread per incoming stream receives whole messages, in order, and
+queues them; the model's thread decodes them into a *mailbox* keyed by ``(trace, key)``,
+so the order in which its mediators ask does not matter. Sends are asynchronous (on
+copies, so later in-place edits do not race them) and completed at the end of each
+trace, whose end every rank announces on each of its streams (:meth:`Router.end_trace`).
+
+A value served at a location the engine itself sends on (:attr:`Router.carried`: the
+hidden states at a stage boundary, the logits) is held until the engine's send; when the
+engine sends that very tensor, unchanged, the served value rides on the engine's message
+(its key listed there) instead of travelling twice.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import math
 import queue
+import struct
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -74,6 +93,8 @@ def _output_class(name: Optional[list]) -> Optional[type]:
 
 def _real_tensors():
     """Buffers that really travel must be real even inside a scan's fake-tensor mode."""
+    if not torch._C._len_torch_dispatch_stack():
+        return contextlib.nullcontext()  # no mode: nothing to leave (the common case, per message)
     from torch.utils._python_dispatch import _disable_current_modes
 
     return _disable_current_modes()
@@ -104,6 +125,54 @@ def decode(structure: Any, tensors: list[torch.Tensor]) -> Any:
     return structure
 
 
+#: Bytes of the receive every stream keeps posted: a message up to this size is one transfer.
+SLOT = 1 << 16
+_HEADER = 4 * 8
+_ALIGN = 8
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+_CPU = torch.device("cpu")
+_PADS = {n: torch.zeros(n, dtype=torch.uint8) for n in range(1, _ALIGN)}
+_SIZES = {name: torch.empty((), dtype=d).element_size() for name, d in _DTYPES.items()}
+
+
+def _pieces(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """The bytes of ``tensors`` as flat ``uint8`` tensors on ``device``, each followed by the
+    padding that puts the next at an 8-byte boundary (concatenated, they are a message's
+    payload: the copy that protects it from later in-place edits)."""
+    pieces = []
+    for t in tensors:
+        if t.requires_grad:
+            t = t.detach()
+        if t.device != device:
+            t = t.to(device)
+        pieces.append(t.contiguous().view(-1).view(torch.uint8))
+        pad = -_nbytes(t) % _ALIGN
+        if pad:
+            pieces.append(_PADS[pad].to(device))
+    return pieces
+
+
+def _unpack(buffer: torch.Tensor, offset: int, specs: list) -> list[torch.Tensor]:
+    """The tensors of a payload (see :func:`_pieces`; ``specs``: ``[dtype, shape]``) from
+    ``offset`` of the byte ``buffer`` on, each a copy with a storage of its own (views of
+    one buffer would share it across dtypes, which ``torch.save`` refuses)."""
+    found = []
+    for dtype, shape in specs:
+        n = math.prod(shape) * _SIZES[dtype]
+        found.append(buffer[offset:offset + n].view(_DTYPES[dtype]).view(shape).clone())
+        offset += _aligned(n)
+    return found
+
+
 class Completion:
     """Completion of point-to-point works, observable without blocking (see :class:`Waiter`)."""
 
@@ -122,10 +191,10 @@ class Completion:
 
 
 class Waiter:
-    """A daemon thread that waits on gloo works, in order, and marks their completions.
+    """A daemon thread that waits on sends, in order, and marks their completions.
 
-    gloo reports a send or receive as completed only once someone waits on it; this thread
-    waits so the model's thread never blocks. It touches no tensor.
+    gloo reports a send as completed only once someone waits on it; this thread waits so
+    the model's thread never blocks. It touches no tensor.
     """
 
     def __init__(self) -> None:
@@ -153,45 +222,105 @@ class Waiter:
 
 
 class _Incoming:
-    """One incoming stream: its posted header receive, watched by a thread of its own."""
+    """One incoming stream: a thread of its own receives its messages, whole and in order
+    (header and meta, host bytes, device bytes), and queues them for the model's thread.
 
-    def __init__(self, peer: int, group: Any, arrived: threading.Event) -> None:
+    The thread always has a receive posted until the peer says goodbye, so a message never
+    lands in a receive meant for another; it allocates the buffers and decodes nothing.
+    """
+
+    def __init__(self, peer: int, group: Any, arrived: threading.Event, device_group: Any,
+                 device: torch.device) -> None:
         self.peer = peer
         self.group = group
+        self.device_group = device_group
+        self.device = device
         self.arrived = arrived
-        self.waiter = Waiter()
-        self.received: Any = None
-        self.repost()
+        #: (trace, bytes of meta, buffer, device buffer or None), in stream order.
+        self.messages: "collections.deque[tuple[int, int, torch.Tensor, Optional[torch.Tensor]]]" = \
+            collections.deque()
+        self.error: Optional[BaseException] = None
+        #: Set once the peer said goodbye (or the stream broke): nothing is posted any more.
+        self.ended = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
 
-    def repost(self) -> None:
-        self.header = torch.zeros(3, dtype=torch.long)
-        work = dist.irecv(self.header, src=self.peer, group=self.group)
-        self.work = self.waiter.watch([work], self.arrived)
+    def _run(self) -> None:
+        try:
+            slot = torch.empty(SLOT, dtype=torch.uint8)
+            work = dist.irecv(slot, src=self.peer, group=self.group)
+            while True:
+                work.wait()
+                trace, meta, length, on_device = struct.unpack_from("<4q", slot.numpy())
+                if trace == -1:
+                    return
+                body = slot
+                if length > SLOT:
+                    body = torch.empty(length, dtype=torch.uint8)
+                    body[:SLOT] = slot
+                    dist.irecv(body[SLOT:], src=self.peer, group=self.group).wait()
+                device_bytes = None
+                if on_device:
+                    device_bytes = torch.empty(on_device, dtype=torch.uint8, device=self.device)
+                    dist.irecv(device_bytes, src=self.peer, group=self.device_group).wait()
+                self.messages.append((trace, meta, body[:length], device_bytes))
+                # The next receive is posted before the model's thread is woken: then this
+                # thread only blocks, and the two do not compete for the interpreter.
+                slot = torch.empty(SLOT, dtype=torch.uint8)
+                work = dist.irecv(slot, src=self.peer, group=self.group)
+                self.arrived.set()
+        except BaseException as e:  # reported to the model's thread by next()
+            self.error = e
+        finally:
+            self.ended.set()
+            self.arrived.set()
+
+    def next(self) -> Optional[tuple]:
+        """The next whole message, or None; the stream's error once its messages are taken."""
+        if self.messages:
+            return self.messages.popleft()
+        if self.error is not None:
+            raise self.error
+        return None
 
 
 class Router:
-    """Streams to and from the other stages of this rank's replica (see the module docstring)."""
+    """Streams to and from the other stages of this rank's replica (see the module docstring).
 
-    def __init__(self, topo: Topology, failures: Failures, group: Any) -> None:
+    ``device_groups`` (peer rank -> (group to it, group from it)) carries the tensors on
+    ``device`` apart from the host buffer; without it every tensor travels in the host buffer.
+    """
+
+    def __init__(self, topo: Topology, failures: Failures, group: Any,
+                 device_groups: Optional[dict[int, tuple[Any, Any]]] = None,
+                 device: Optional[torch.device] = None) -> None:
         self.topo = topo
         self.failures = failures
         self.group = group
         self.trace = 0
         self.peers = [topo.rank_of(s, topo.tp_rank) for s in range(topo.pp) if s != topo.pp_rank]
-        #: Set whenever a header arrives on any stream (wakes router-aware waits).
+        self.device_groups = device_groups or {}
+        self.device = device if device_groups else None
+        #: Set whenever a message arrives on any stream or a send completes (wakes waits).
         self.arrived = threading.Event()
-        self.incoming = {peer: _Incoming(peer, group, self.arrived) for peer in self.peers}
+        self.incoming = {peer: _Incoming(peer, group, self.arrived, self.device_groups.get(peer, (None, None))[1],
+                                         self.device or _CPU)
+                         for peer in self.peers}
         self.sender = Waiter()
         self.mailbox: dict[tuple, tuple[int, Any]] = {}
-        self.sends: list[tuple[Any, list[torch.Tensor]]] = []
+        self.sends: list[tuple[list, list]] = []  # (works, the buffers they send)
         self.messages = 0
         self.bytes = 0
         #: Messages and payload bytes sent in the current trace, by kind of key
         #: ("v" served values, "o" observed values, "h" hidden states, "logits", "p" attributes).
         self.traffic: dict[str, list[int]] = {}
-        #: Messages of the current trace sent to / received from each peer.
-        self.sent: dict[int, int] = dict.fromkeys(self.peers, 0)
-        self.received: dict[int, int] = dict.fromkeys(self.peers, 0)
+        #: Locations whose values the engine sends on itself (set by the engine): a value
+        #: served there is held until then (see :meth:`send`).
+        self.carried: set[str] = set()
+        #: destination -> [(key, value, its version when served, a copy of it)] held for the
+        #: engine's message.
+        self.held: dict[int, list[tuple[tuple, Any, int, torch.Tensor]]] = {}
+        #: Peers whose end of the current trace arrived (see :meth:`wait_ends`).
+        self.ended: set[int] = set()
         self.closed = False
         #: In a stage-local trace (:meth:`.replica.ReplicaSeam.stage_local`) only the hidden
         #: states travel: the engine keeps the logits on the last stage.
@@ -209,52 +338,120 @@ class Router:
 
     # ------------------------------------------------------------------ sending
 
-    def send(self, dst: int, key: tuple, value: Any) -> None:
-        """Queue ``value`` to rank ``dst`` under ``key`` (asynchronous; copies the tensors)."""
-        with _real_tensors():
-            self._send(dst, key, value)
+    def send(self, dst: int, key: tuple, value: Any, location: Optional[str] = None) -> None:
+        """Queue ``value`` to rank ``dst`` under ``key`` (asynchronous; copies the tensors).
 
-    def _send(self, dst: int, key: tuple, value: Any) -> None:
+        ``location``: a served value at a location of :attr:`carried` is held (outside a
+        stage-local trace and a trace that keeps autograd links); the engine's own send
+        (``location`` naming what it sends) carries the held values it equals, unchanged, as
+        extra keys. Any other send to ``dst`` sends the held values first, and so does every
+        router wait before it blocks.
+        """
+        with _real_tensors():
+            if key[0] == "v" and location in self.carried and self._can_hold(value):
+                # A copy as served, in case the value changes before the engine's send.
+                self.held.setdefault(dst, []).append((key, value, value._version, value.detach().clone()))
+                return
+            aliases = []
+            for held_key, held, version, copy in self.held.pop(dst, []):
+                if location is not None and held is value and value._version == version:
+                    aliases.append(list(held_key))
+                else:
+                    self._send(dst, held_key, copy, [])
+            self._send(dst, key, value, aliases)
+
+    def _can_hold(self, value: Any) -> bool:
+        return isinstance(value, torch.Tensor) and not self.stage_local and not self.graph \
+            and not _shape_only(value) and not value.is_inference()
+
+    def flush(self) -> None:
+        """Send every held value now."""
+        for dst in list(self.held):
+            with _real_tensors():
+                for key, _, _, copy in self.held.pop(dst):
+                    self._send(dst, key, copy, [])
+
+    def _send(self, dst: int, key: tuple, value: Any, aliases: list) -> None:
         tensors: list[torch.Tensor] = []
         structure = encode(value, tensors)
-        header = {"key": list(key), "value": structure, "tensors": [[str(t.dtype), list(t.shape)] for t in tensors]}
+        on_device = [t.device == self.device for t in tensors] if self.device is not None else [False] * len(tensors)
+        meta_dict = {"key": list(key), "value": structure,
+                     "tensors": [[str(t.dtype), list(t.shape), d] for t, d in zip(tensors, on_device)]}
+        if aliases:
+            meta_dict["also"] = aliases
         tracked = [i for i, t in enumerate(tensors) if t.requires_grad] if self.graph else []
         if tracked:
-            header["grad"] = tracked
+            meta_dict["grad"] = tracked
             self.outgoing[(dst, key)] = {i: tensors[i] for i in tracked}
-        meta = json.dumps(header).encode()
-        # One body: the meta, then every tensor's bytes. Building it copies the tensors (so
-        # later in-place edits do not race the send) onto the CPU (for gloo).
-        parts = [torch.frombuffer(bytearray(meta), dtype=torch.uint8)]
-        parts += [t.detach().to("cpu").contiguous().view(-1).view(torch.uint8) for t in tensors]
-        body = torch.cat(parts) if len(parts) > 1 else parts[0]
-        header = torch.tensor([self.trace, len(meta), body.numel()], dtype=torch.long)
-        works = [dist.isend(header, dst=dst, group=self.group), dist.isend(body, dst=dst, group=self.group)]
-        self.sends.append((self.sender.watch(works), [header, body]))
-        self.sent[dst] += 1
+        meta = json.dumps(meta_dict).encode()
+        # One buffer: the header, the meta, then every host tensor's bytes; the device's
+        # tensors in one buffer there.
+        host = [t for t, d in zip(tensors, on_device) if not d]
+        device = [t for t, d in zip(tensors, on_device) if d]
+        device_bytes = torch.cat(_pieces(device, self.device)) if device else None
+        pieces = _pieces(host, _CPU)
+        length = _HEADER + _aligned(len(meta)) + sum(p.numel() for p in pieces)
+        head = struct.pack("<4q", self.trace, len(meta), length, 0 if device_bytes is None else device_bytes.numel())
+        head = bytearray(head + meta + b" " * (-len(meta) % _ALIGN))
+        buffer = torch.cat([torch.frombuffer(head, dtype=torch.uint8)] + pieces) if pieces else \
+            torch.frombuffer(head, dtype=torch.uint8)
+        if length <= SLOT:
+            works = [dist.isend(buffer, dst=dst, group=self.group)]
+        else:
+            works = [dist.isend(buffer[:SLOT], dst=dst, group=self.group),
+                     dist.isend(buffer[SLOT:], dst=dst, group=self.group)]
+        if device_bytes is not None:
+            works.append(dist.isend(device_bytes, dst=dst, group=self.device_groups[dst][0]))
+        # gloo moves the bytes by itself; the works are waited for together at the end of
+        # the trace (:meth:`complete_sends`), so no thread wakes up per message.
+        self.sends.append((works, [head, buffer, device_bytes]))
+        if key[0] == "end":
+            return  # the end of a trace is no traffic
         self.messages += 1
-        size = body.numel() - len(meta)
+        size = sum(_nbytes(t) for t in tensors)
         self.bytes += size
         count = self.traffic.setdefault(key[0], [0, 0])
         count[0] += 1
         count[1] += size
 
-    def broadcast(self, key: tuple, value: Any, to: Optional[list[int]] = None) -> None:
+    def broadcast(self, key: tuple, value: Any, to: Optional[list[int]] = None,
+                  location: Optional[str] = None) -> None:
         """:meth:`send` to every peer (or to ``to``)."""
         for peer in self.peers if to is None else to:
-            self.send(peer, key, value)
+            self.send(peer, key, value, location)
 
-    def complete_sends(self) -> None:
-        """Wait until every queued send has left (bounded by the timeout)."""
-        for completion, _ in self.sends:
-            self.failures.wait(lambda: lost_contact(completion.done, -1), "a send to complete",
-                               "its receiver", self.poll)
+    def complete_sends(self, wait: bool = True) -> None:
+        """Wait until every queued send has left (bounded by the timeout).
+
+        ``wait=False`` when every receiver is known to take them before this rank goes on
+        (it waits for this rank's end of trace, which follows them, before the barrier that
+        ends the trace): their works are then only handed to the waiter thread.
+        """
+        self.flush()
+        if not self.sends:
+            return
+        completion = self.sender.watch([work for works, _ in self.sends for work in works], self.arrived)
         self.sends.clear()
+        if wait:
+            self.failures.wait(lambda: lost_contact(completion.done, -1), "a send to complete", "its receiver",
+                               self.poll, self._idle)
+
+    def end_trace(self) -> None:
+        """Tell every peer that this trace sends nothing more on its stream (see :meth:`wait_ends`)."""
+        self.broadcast(("end", self.topo.rank), None)
+
+    def wait_ends(self) -> None:
+        """A router-aware wait until every peer's :meth:`end_trace` arrived: the streams are
+        in order, so every message of this trace has then arrived (and been delivered)."""
+        for peer in self.peers:
+            if peer not in self.ended:
+                self.wait(("end", peer), "the end of the trace", peer)
+                self.ended.add(peer)
 
     # ------------------------------------------------------------------ receiving
 
     def poll(self, until: Optional[Callable[[], bool]] = None) -> bool:
-        """Drain the messages that have arrived, in stream order; True if there was any.
+        """Deliver the messages that have arrived, in stream order; True if there was any.
 
         With ``until``, stop as soon as it holds: a wait takes in exactly the messages up to
         the one it waits for, so what it delivers (and what the mediators it resumes do, tp
@@ -263,48 +460,41 @@ class Router:
         """
         got = False
         for stream in self.incoming.values():
-            while not (until is not None and until()) and lost_contact(stream.work.done, stream.peer):
-                with _real_tensors():
-                    lost_contact(lambda: self._receive(stream), stream.peer)
-                self._deliver(stream)
+            while not (until is not None and until()):
+                message = lost_contact(stream.next, stream.peer)
+                if message is None:
+                    break
+                self._deliver(stream.peer, *message)
                 got = True
         return got
 
-    def _receive(self, stream: _Incoming) -> None:
-        trace, size, length = (int(x) for x in stream.header.tolist())
-        body = torch.empty(length, dtype=torch.uint8)
-        # Sent right after its header: its wait ends only with it (or the timeout: this
-        # group's own timeout is effectively infinite), whatever failed meanwhile, so a
-        # stream is never left between a header and its body.
-        received = stream.waiter.watch([dist.irecv(body, src=stream.peer, group=self.group)])
-        stream.repost()
-        self.failures.wait(received.done, "the body of a message", stream.peer, engine=True)
-        meta = json.loads(body[:size].numpy().tobytes().decode())
-        tensors, offset = [], size
-        for dtype, shape in meta["tensors"]:
-            kind = _DTYPES[dtype]
-            n = math.prod(shape) * torch.empty((), dtype=kind).element_size()
-            tensors.append(body[offset:offset + n].clone().view(kind).view(shape))
-            offset += n
-        stream.received = (trace, meta, tensors)
-
-    def _deliver(self, stream: _Incoming) -> None:
-        trace, meta, tensors = stream.received
-        stream.received = None
-        device = self.topo.device
-        if device.type != "cpu":
-            tensors = [t.to(device) for t in tensors]
-        key = tuple(_tuple(k) for k in meta["key"])
+    def _deliver(self, peer: int, trace: int, size: int, body: torch.Tensor,
+                 device_bytes: Optional[torch.Tensor]) -> None:
         if trace < self.trace:
             return  # left over from a trace that already ended (it failed): nobody wants it
+        with _real_tensors():  # the buffers are real; a scan's shape-only values decode below, as fakes
+            meta = json.loads(body.numpy()[_HEADER:_HEADER + size].tobytes())
+            specs = meta["tensors"]
+            tensors = []
+            if specs:
+                host = iter(_unpack(body, _HEADER + _aligned(size), [s[:2] for s in specs if not s[2]]))
+                on_device = iter(_unpack(device_bytes, 0, [s[:2] for s in specs if s[2]])
+                                 if device_bytes is not None else ())
+                tensors = [next(on_device) if s[2] else next(host) for s in specs]
+                device = self.topo.device
+                if device.type != "cpu":
+                    tensors = [t if t.device == device else t.to(device) for t in tensors]
+        key = tuple(_tuple(k) for k in meta["key"])
         if meta.get("grad"):
-            tensors = self._tracked(trace, stream.peer, key, tensors, meta["grad"])
+            tensors = self._tracked(trace, peer, key, tensors, meta["grad"])
         value = decode(meta["value"], tensors)
-        if trace == self.trace:
-            self.received[stream.peer] += 1
-        self.mailbox[(trace, key)] = (stream.peer, value)
-        if trace == self.trace and self.on_message is not None:
-            self.on_message(stream.peer, key, value)
+        # Served values that rode on this message arrive before it, as they were served;
+        # each gets its own copy (the engine computes on this one).
+        for alias in [tuple(_tuple(k) for k in also) for also in meta.get("also", ())] + [key]:
+            got = value if alias is key else value.clone()
+            self.mailbox[(trace, alias)] = (peer, got)
+            if trace == self.trace and self.on_message is not None:
+                self.on_message(peer, alias, got)
 
     def _tracked(self, trace: int, peer: int, key: tuple, tensors: list[torch.Tensor],
                  tracked: list[int]) -> list[torch.Tensor]:
@@ -333,19 +523,13 @@ class Router:
                     leaf.grad = None
         return found
 
-    def wait_received(self, counts: dict[int, int]) -> None:
-        """A router-aware wait until ``counts[peer]`` messages of this trace came from each peer."""
-        for peer, n in counts.items():
-            self.failures.wait(lambda: self.received[peer] >= n, f"{n} message(s) of this trace", peer,
-                               self.poll, self._idle)
-
     def take(self, key: tuple) -> tuple[bool, Any]:
         """The value under ``key`` in this trace's mailbox (removed), if it arrived."""
         item = self.mailbox.pop((self.trace, key), None)
         return (False, None) if item is None else (True, item[1])
 
     def wait(self, key: tuple, what: str, source: int, engine: bool = False) -> Any:
-        """A router-aware wait: drain streams (serving arrivals) until ``key`` arrives
+        """A router-aware wait: deliver arrivals (serving them) until ``key`` arrives
         (``engine``: one of the engine's own transfers, see :meth:`.Failures.wait`)."""
         def arrived() -> bool:
             return (self.trace, key) in self.mailbox
@@ -354,7 +538,10 @@ class Router:
         return self.take(key)[1]
 
     def _idle(self, seconds: float) -> None:
-        """Sleep until a header arrives on any stream, or ``seconds``."""
+        """Send the held values (a peer may need one to answer: an ad-hoc call's result served
+        at a carried location, say), then sleep until a message arrives on any stream or a
+        send completes, or ``seconds``."""
+        self.flush()
         if self.arrived.wait(seconds):
             self.arrived.clear()
 
@@ -362,24 +549,17 @@ class Router:
         """Say goodbye on every stream and wait for the peers' goodbyes (at exit).
 
         A receive still posted when the process group is torn down aborts the process; the
-        goodbyes complete every posted receive first. Best effort: a dead peer is given up on.
+        goodbyes end every stream's thread first. Best effort: a dead peer is given up on.
         """
         if self.closed or not dist.is_initialized():
             return
         self.closed = True
-        bye = torch.tensor([-1, 0, 0], dtype=torch.long)
-        sent = self.sender.watch([dist.isend(bye, dst=peer, group=self.group) for peer in self.peers])
-        waiting = dict(self.incoming)
-        deadline = time.monotonic() + seconds
+        bye = torch.tensor([-1, 0, 0, 0], dtype=torch.long).view(torch.uint8)
         try:
-            while (waiting or not sent.done()) and time.monotonic() < deadline:
-                for peer, stream in list(waiting.items()):
-                    if stream.work.done():
-                        if int(stream.header[0]) == -1:
-                            del waiting[peer]
-                        else:
-                            self._receive(stream)
-                            stream.received = None
+            sent = self.sender.watch([dist.isend(bye, dst=peer, group=self.group) for peer in self.peers])
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline and not (
+                    sent.done() and all(s.ended.is_set() for s in self.incoming.values())):
                 time.sleep(0.001)
         except (RuntimeError, dist.DistError):
             pass
@@ -389,12 +569,11 @@ class Router:
         self.trace += 1
         self.failures.begin(self.trace)
         self.mailbox = {k: v for k, v in self.mailbox.items() if k[0] >= self.trace}
-        self.sent = dict.fromkeys(self.peers, 0)
+        self.held = {}
+        self.ended = set()
         self.outgoing = {}
         self.leaves = {k: v for k, v in self.leaves.items() if k[0] >= self.trace}
         self.traffic = {}
-        self.received = {p: sum(1 for (t, _), (src, _) in self.mailbox.items() if t == self.trace and src == p)
-                         for p in self.peers}
         self.messages = 0
         self.bytes = 0
 

@@ -156,6 +156,16 @@ class Topology:
         replica's ranks, for point-to-point streams only) or ``"world"``."""
         return self._groups.get(name)
 
+    def payload_groups(self) -> Optional[dict[int, tuple[Any, Any]]]:
+        """On an accelerator: for each other stage's rank of this replica (same tp rank), the
+        device-backend groups (NCCL) the router's tensors travel on, (to it, from it); on CPU
+        ``None`` (tensors travel in the router's gloo messages)."""
+        peers = [self.rank_of(s, self.tp_rank) for s in range(self.pp) if s != self.pp_rank]
+        if not peers or f"payload {self.rank}->{peers[0]}" not in self._groups:
+            return None
+        return {p: (self._groups[f"payload {self.rank}->{p}"], self._groups[f"payload {p}->{self.rank}"])
+                for p in peers}
+
     def __str__(self) -> str:
         return (f"rank {self.rank}/{self.world_size} (dp {self.dp_rank}/{self.dp}, pp {self.pp_rank}/{self.pp}, "
                 f"tp {self.tp_rank}/{self.tp}) via {self.launcher}")
@@ -281,4 +291,13 @@ def _build_groups(topo: Topology, cuda: bool) -> None:
         group = dist.new_group(ranks, backend=control, timeout=timedelta(days=365))
         if topo.rank in ranks:
             topo._groups["router"] = group
+        if cuda:
+            # The router's tensors travel on the device: a group per direction of each pair
+            # of stages (see router.py), so opposite transfers never share a device stream.
+            pairs = [(topo.rank_of(a, t, d), topo.rank_of(b, t, d))
+                     for t in range(topo.tp) for a in range(topo.pp) for b in range(topo.pp) if a != b]
+            for src, dst in pairs:
+                group = dist.new_group(sorted((src, dst)), backend="nccl", timeout=timedelta(days=365))
+                if topo.rank in (src, dst):
+                    topo._groups[f"payload {src}->{dst}"] = group
     topo._groups["world"] = dist.new_group(list(range(topo.world_size)), backend=control, timeout=timeout)

@@ -255,7 +255,10 @@ def attach_pipeline(model: torch.nn.Module, topo: Topology, interleaver: Any, ro
 
     They are *engine* waits (:meth:`..distributed.failure.Failures.wait`): after a failure
     every rank still runs its model call to the end, sending and receiving these messages,
-    so a failed trace leaves no stream, and no collective of the engine, mismatched."""
+    so a failed trace leaves no stream, and no collective of the engine, mismatched. The
+    locations they send (the last layer's output of a stage, ``lm_head``'s) are the
+    router's :attr:`~..distributed.router.Router.carried` ones: a value served there rides
+    on these messages."""
     if topo.pp == 1:
         return
     prefix = model.base_model_prefix
@@ -274,9 +277,12 @@ def attach_pipeline(model: torch.nn.Module, topo: Topology, interleaver: Any, ro
 
         points[f"{root}.{prefix}.layers.{start}"].before = receive_hidden
 
+    boundary, logits_at = f"{root}.{prefix}.layers.{end - 1}.output", f"{root}.lm_head.output"
     if stage < last:
+        router.carried.add(boundary)
+
         def send_hidden(out: Any) -> Any:
-            router.send(next_rank, ("h", interleaver.step), out)
+            router.send(next_rank, ("h", interleaver.step), out, boundary)
             return out
 
         def receive_logits(out: Any) -> Any:
@@ -288,10 +294,12 @@ def attach_pipeline(model: torch.nn.Module, topo: Topology, interleaver: Any, ro
         points[f"{root}.{prefix}.layers.{end - 1}"].after = send_hidden
         points[f"{root}.lm_head"].after = receive_logits
     else:
+        router.carried.add(logits_at)
+
         def send_logits(out: Any) -> Any:
             if router.stage_local:
                 return out
-            router.broadcast(("logits", interleaver.step), out)
+            router.broadcast(("logits", interleaver.step), out, location=logits_at)
             return out
 
         points[f"{root}.lm_head"].after = send_logits
