@@ -5,7 +5,7 @@ What is measured
 The wall-clock time, on rank 0, of one complete trace of a tiny Llama
 (``nd.testing.make_tiny_model(dir, arch="llama")``: 4 layers, hidden 128, 0.8M parameters,
 built by rank 0 while the other ranks wait in ``nd.broadcast_object``) loaded with
-``nd.LanguageModel(dir, tp=, pp=)``. Every rank runs the same sequence of runs (the
+``nd.LanguageModel(dir, tp=, pp=, engine=)``. Every rank runs the same sequence of runs (the
 traces are collective), rank 0 reads its clock and prints. Variants:
 
 * ``--tp N`` (``pp=1``):
@@ -90,8 +90,11 @@ Running
     launch/torchrun.sh 2 benchmarks/distributed.py --pp 2
     launch/mpirun.sh 2 benchmarks/distributed.py --tp 2 --markdown
     launch/torchrun.sh 2 benchmarks/distributed.py --pp 2 --scenarios empty,cache --reps 50 --profile 30
+    launch/torchrun.sh 2 benchmarks/distributed.py --tp 2 --engine deepspeed
 
-Options: ``--reps N`` (default 170 at tp, 300 at pp: 55-80 s per run on 2 CPU
+Options: ``--engine NAME`` (``transformers``, ``deepspeed`` or ``torch``: the engine that
+shards ``nnsight_dist``'s model and the ``untraced`` baseline; nnsight 0.8.1 always loads
+through transformers), ``--reps N`` (default 170 at tp, 300 at pp: 55-80 s per run on 2 CPU
 cores), ``--warmup N`` (default 3), ``--scenarios a,b``, ``--model-dir DIR`` (build the
 model there and reuse it; default a temporary directory), ``--markdown``, ``--json PATH``
 (raw times, traffic), ``--no-nnsight``, ``--no-nnsight-shim``, ``--profile N`` (after
@@ -119,6 +122,7 @@ from typing import Any, Optional
 import torch
 
 import nnsight_dist as nd
+from nnsight_dist import engines
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script: find common.py
 import common  # noqa: E402
@@ -179,7 +183,7 @@ def setup(args: argparse.Namespace, topo: Any, root: str) -> Setup:
         nd.testing.make_tiny_model(path, arch="llama")
     path = nd.broadcast_object(path)  # the others wait until rank 0 has written it
     hf_logging.disable_progress_bar()
-    nd_model = nd.LanguageModel(path, tp=args.tp, pp=args.pp)
+    nd_model = nd.LanguageModel(path, tp=args.tp, pp=args.pp, engine=args.engine)
     mode = "tp" if args.pp == 1 else "pp"
     nn_model, nn_error = None, "nnsight has no pipeline parallelism" if mode == "pp" else None
     if mode == "tp" and not args.no_nnsight:
@@ -462,6 +466,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = common.parser(__doc__)
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree")
+    parser.add_argument("--engine", choices=list(engines.MODULES), default="transformers",
+                        help="the engine sharding the model (default transformers; see docs/engines.md)")
     parser.add_argument("--reps", type=int, default=None,
                         help=f"timed repetitions (default {DEFAULT_REPS['tp']} at tp, {DEFAULT_REPS['pp']} at pp)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed repetitions first (default 3)")
@@ -522,7 +528,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 import importlib.metadata as md
 
                 nn_version = md.version("nnsight")
-            print(f"\n{s.mode}={getattr(args, s.mode)}: world {s.topo.world_size} ({s.topo.launcher}), "
+            print(f"\n{s.mode}={getattr(args, s.mode)}, engine={args.engine}: world {s.topo.world_size} ({s.topo.launcher}), "
                   f"{reps} repetitions, rank 0's clock; python {platform.python_version()}, torch {torch.__version__}, "
                   f"transformers {transformers.__version__}, nnsight_dist {nd.__version__} "
                   f"({os.path.dirname(os.path.dirname(nd.__file__))}), nnsight {nn_version}, "
