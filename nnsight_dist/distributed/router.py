@@ -307,7 +307,7 @@ class Router:
                          for peer in self.peers}
         self.sender = Waiter()
         self.mailbox: dict[tuple, tuple[int, Any]] = {}
-        self.sends: list[tuple[list, list]] = []  # (works, the buffers they send)
+        self.sends: list[tuple[int, list, list]] = []  # (destination, works, the buffers they send)
         self.messages = 0
         self.bytes = 0
         #: Messages and payload bytes sent in the current trace, by kind of key
@@ -316,9 +316,8 @@ class Router:
         #: Locations whose values the engine sends on itself (set by the engine): a value
         #: served there is held until then (see :meth:`send`).
         self.carried: set[str] = set()
-        #: destination -> [(key, value, its version when served, a copy of it)] held for the
-        #: engine's message.
-        self.held: dict[int, list[tuple[tuple, Any, int, torch.Tensor]]] = {}
+        #: destination -> [(key, value, a copy of it as served)] held for the engine's message.
+        self.held: dict[int, list[tuple[tuple, Any, torch.Tensor]]] = {}
         #: Peers whose end of the current trace arrived (see :meth:`wait_ends`).
         self.ended: set[int] = set()
         self.closed = False
@@ -343,22 +342,26 @@ class Router:
 
         ``location``: a served value at a location of :attr:`carried` is held (outside a
         stage-local trace and a trace that keeps autograd links); the engine's own send
-        (``location`` naming what it sends) carries the held values it equals, unchanged, as
-        extra keys. Any other send to ``dst`` sends the held values first, and so does every
-        router wait before it blocks.
+        (``location`` naming what it sends) carries the held values that are that very tensor
+        with the same bytes as when served, as extra keys. Any other send to ``dst`` sends the
+        held values first, and so does every router wait before it blocks.
+
+        The receiver takes messages in order, and resumes the mediators waiting on them in
+        that order: so only the held values *after* the last one that cannot ride go on the
+        engine's message; the earlier ones are sent before it, in the order they were served.
         """
         with _real_tensors():
             if key[0] == "v" and location in self.carried and self._can_hold(value):
                 # A copy as served, in case the value changes before the engine's send.
-                self.held.setdefault(dst, []).append((key, value, value._version, value.detach().clone()))
+                self.held.setdefault(dst, []).append((key, value, value.detach().clone()))
                 return
-            aliases = []
-            for held_key, held, version, copy in self.held.pop(dst, []):
-                if location is not None and held is value and value._version == version:
-                    aliases.append(list(held_key))
-                else:
-                    self._send(dst, held_key, copy, [])
-            self._send(dst, key, value, aliases)
+            held = self.held.pop(dst, [])
+            # Same bytes, not the version counter: ``h.data += 1`` edits without counting.
+            rides = [location is not None and v is value and torch.equal(copy, value) for _, v, copy in held]
+            first = next((i for i in range(len(held), 0, -1) if not rides[i - 1]), 0)
+            for held_key, _, copy in held[:first]:
+                self._send(dst, held_key, copy, [])
+            self._send(dst, key, value, [list(held_key) for held_key, _, _ in held[first:]])
 
     def _can_hold(self, value: Any) -> bool:
         return isinstance(value, torch.Tensor) and not self.stage_local and not self.graph \
@@ -368,13 +371,19 @@ class Router:
         """Send every held value now."""
         for dst in list(self.held):
             with _real_tensors():
-                for key, _, _, copy in self.held.pop(dst):
+                for key, _, copy in self.held.pop(dst):
                     self._send(dst, key, copy, [])
 
     def _send(self, dst: int, key: tuple, value: Any, aliases: list) -> None:
         tensors: list[torch.Tensor] = []
         structure = encode(value, tensors)
-        on_device = [t.device == self.device for t in tensors] if self.device is not None else [False] * len(tensors)
+        unknown = sorted({str(t.dtype) for t in tensors if str(t.dtype) not in _DTYPES})
+        if unknown:
+            raise TypeError(f"{', '.join(unknown)} cannot travel between ranks (under {list(key)}): "
+                            f"convert to one of {', '.join(sorted(_DTYPES))}")
+        # An empty tensor has no bytes to send on the device: it travels in the host buffer.
+        on_device = [t.device == self.device and t.numel() > 0 for t in tensors] if self.device is not None \
+            else [False] * len(tensors)
         meta_dict = {"key": list(key), "value": structure,
                      "tensors": [[str(t.dtype), list(t.shape), d] for t, d in zip(tensors, on_device)]}
         if aliases:
@@ -404,7 +413,7 @@ class Router:
             works.append(dist.isend(device_bytes, dst=dst, group=self.device_groups[dst][0]))
         # gloo moves the bytes by itself; the works are waited for together at the end of
         # the trace (:meth:`complete_sends`), so no thread wakes up per message.
-        self.sends.append((works, [head, buffer, device_bytes]))
+        self.sends.append((dst, works, [head, buffer, device_bytes]))
         if key[0] == "end":
             return  # the end of a trace is no traffic
         self.messages += 1
@@ -430,10 +439,12 @@ class Router:
         self.flush()
         if not self.sends:
             return
-        completion = self.sender.watch([work for works, _ in self.sends for work in works], self.arrived)
+        completion = self.sender.watch([work for _, works, _ in self.sends for work in works], self.arrived)
+        receivers = sorted({dst for dst, _, _ in self.sends})
+        source = f"rank{'s' if len(receivers) > 1 else ''} {', '.join(map(str, receivers))}"
         self.sends.clear()
         if wait:
-            self.failures.wait(lambda: lost_contact(completion.done, -1), "a send to complete", "its receiver",
+            self.failures.wait(lambda: lost_contact(completion.done, -1), "the receipt of its sends", source,
                                self.poll, self._idle)
 
     def end_trace(self) -> None:

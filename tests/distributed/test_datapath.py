@@ -24,6 +24,7 @@ def _values() -> list:
         torch.randn(6, 4, generator=g).t(),
         big,
         [torch.arange(3, dtype=torch.uint8), big[:, :5]],
+        (torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)),  # no bytes at all (none on the device)
         None,
     ]
 
@@ -167,3 +168,72 @@ def test_engine_carries_served_values(tmp_path):
     assert stage0["replaced_traffic"]["v"][0] == 1 and stage0["edited_traffic"]["v"][0] >= 1
     # The end of a trace: the input check and the digest barrier, nothing else.
     assert stage0["collectives"] == stage1["collectives"] == 2
+
+
+def _unsupported_dtype(rank: int) -> list:
+    from nnsight_dist.distributed.failure import Failures
+    from nnsight_dist.distributed.router import Router
+
+    topo = nd.init(pp=2)
+    router = Router(topo, Failures(topo), topo.group("router"))
+    router.next_trace()
+    out = []
+    if rank == 0:
+        try:
+            router.send(1, ("t", 0), torch.ones(2, dtype=torch.complex64))
+        except TypeError as error:
+            out.append(str(error))
+        router.send(1, ("t", 1), torch.ones(2))
+    else:
+        out.append(router.wait(("t", 1), "a test value", 0))
+    router.complete_sends()
+    router.close()
+    return out
+
+
+def test_unsupported_dtype_refused_by_the_sender_stream_intact():
+    sender, receiver = run_ranks(_unsupported_dtype, 2, timeout=120)
+    assert "torch.complex64 cannot travel between ranks" in sender[0]
+    assert torch.equal(receiver[0], torch.ones(2))
+
+
+def _order_and_data_edits(model) -> dict:
+    """Three invokes read the stage-boundary value the engine carries (the whole batch first,
+    then each row), in order; a ``.data`` edit (no version bump) of that value."""
+    out = {}
+    for name, module in (("boundary", model.model.layers[1]), ("logits", model.lm_head)):
+        with model.trace() as tracer:
+            order = nd.save([])
+            with tracer.invoke():
+                module.output
+                order.append(0)
+            with tracer.invoke("Hello world"):
+                module.output
+                order.append(1)
+            with tracer.invoke("The cat sat"):
+                module.output
+                order.append(2)
+        out[f"order_{name}"] = torch.tensor(list(order))
+    with model.trace("Hello world"):
+        h = model.model.layers[1].output
+        h.data += 1
+        out["data_edit"] = h.save()
+        out["data_edit_logits"] = model.lm_head.output.save()
+    return {k: v.clone() for k, v in out.items()}
+
+
+def _order_ranks(rank: int, path: str) -> dict:
+    return _order_and_data_edits(nd.LanguageModel(path, pp=2))
+
+
+def test_carried_values_keep_order_and_edits_without_versions(tmp_path):
+    """Mediators served at a carried location resume on the other stage in the order they
+    were served (some values ride on the engine's message, some travel before it), and a
+    value edited through ``.data`` (same version counter) is not taken as unchanged."""
+    path = nd.testing.make_tiny_model(str(tmp_path))
+    want = _order_and_data_edits(nd.LanguageModel(path))
+    assert want["order_boundary"].tolist() == [0, 1, 2]
+    for rank, got in enumerate(run_ranks(_order_ranks, 2, path, timeout=180)):
+        for name, value in want.items():
+            torch.testing.assert_close(got[name], value, msg=lambda m: f"rank {rank} {name}: {m}")
+
