@@ -278,7 +278,13 @@ class LayoutCodec(Codec):
         continue with a tensor that aliases the whole value a body may have saved)."""
         if partial:
             return t.clone() if self.tp_rank == 0 else torch.zeros_like(t)
-        size = t.shape[dim] // self.tp
+        size, rest = divmod(t.shape[dim], self.tp)
+        if rest:
+            # The engine's layer holds one of tp equal slices: a whole value of another width
+            # is one the unsharded layer refuses too (a shape mismatch), never cut short.
+            raise RuntimeError(f"{self.location}: a value of size {t.shape[dim]} along dimension {dim} does not "
+                               f"split into {self.tp} equal tensor-parallel slices: it is not the width this "
+                               "layer takes (one process would fail on the shape too)")
         # Contiguous: engines reshape their fragments with .view().
         return t.narrow(dim, self.tp_rank * size, size).clone(memory_format=torch.contiguous_format)
 

@@ -113,9 +113,11 @@ class ReplicaSeam(Seam):
                         self.codecs[location] = codec
         self.fragment_parameters = {(path, name): placement for path, p in placements.items()
                                     for name, placement in p.parameters if topo.tp > 1}
-        if self.opaque:
+        root = next((p for path, p in placements.items() if "." not in path), None)
+        result = root.output if root is not None and topo.tp > 1 else WHOLE
+        if self.opaque or result != WHOLE:
             # What the traced call returned holds the model's output (its key/value cache too).
-            self.codecs["result"] = self._codec(WHOLE, "tracer.result", False, "")
+            self.codecs["result"] = self._codec(result, "tracer.result", False, "")
         self.log: list[tuple[int, int, str]] = []
         self._ended = False
         self._observed: list = []
@@ -186,7 +188,15 @@ class ReplicaSeam(Seam):
 
     def attribute(self, path: str, name: str, local: Callable[[], Any]) -> Any:
         """Tensors (parameters, buffers) of a module owned by one stage come from that stage:
-        the other stages hold the module without weights."""
+        the other stages hold the module without weights. A parameter held as a plain
+        fragment is served whole; the module's own listings of its parameters would give the
+        fragments as they are, and are refused."""
+        if name in _PARAMETER_LISTINGS and any(owner == path or owner.startswith(path + ".")
+                                               for owner, _ in self.fragment_parameters):
+            raise NNsightError(
+                f"{path}.{name}() would list this rank's slices of the engine's sliced weights as if they were "
+                f"whole: read each parameter by its name (`{path}.<module>.weight`), which is gathered whole"
+            )
         fragment = self.fragment_parameters.get((path, name))
         if fragment is not None:
             plain = local
@@ -602,6 +612,10 @@ class ReplicaSeam(Seam):
             raise DivergenceError(f"ranks {ranks} ran {steps} steps of the model")
         logs = all_gather_json(entries, group, len(ranks), self.failures)
         raise DivergenceError(first_difference(ranks, logs))
+
+
+#: Module methods that list parameters as the module holds them.
+_PARAMETER_LISTINGS = ("parameters", "named_parameters", "state_dict", "get_parameter")
 
 
 def _holds_dtensor_shards(module: torch.nn.Module) -> bool:

@@ -35,7 +35,7 @@ import torch
 from ..distributed.placement import LOCAL, WHOLE, Placement, shard
 from ..distributed.topology import Topology
 from ..intervention.errors import UnshardableModel
-from .styles import STYLES, attention_outputs, between_parallel_layers
+from .styles import STYLES, attention_outputs, between_parallel_layers, model_outputs, undescribed_ancestors
 from .transformers import meta_model
 from .transformers import opaque_types  # noqa: F401 - the same cache: this rank's heads
 
@@ -267,7 +267,8 @@ def placements(model: torch.nn.Module, topo: Topology, root: str = "model") -> d
               for parent in {n.rpartition(".")[0] for n in unknown}
               for kid, _ in model.get_submodule(parent).named_children()}
     between = between_parallel_layers(model, styles)
-    attention = attention_outputs(model, styles)
+    attention = {**undescribed_ancestors(model, unknown), **attention_outputs(model, styles),
+                 **model_outputs(model, styles)}
     ranks = tuple(topo.rank_of(0, t) for t in range(topo.tp))
     table = {}
     for name, _ in model.named_modules():

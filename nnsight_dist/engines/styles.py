@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from ..distributed.placement import LOCAL, WHOLE, shard, tuple_of
+from ..distributed.placement import LOCAL, WHOLE, mapping_of, shard, tuple_of
 
 #: Module-boundary placements of transformers' tensor-parallel styles: (input, output).
 STYLES = {
@@ -62,12 +62,43 @@ def attention_outputs(model: torch.nn.Module, styles: dict[str, Optional[str]]) 
     from the column-parallel ``q_proj``/``k_proj`` outputs, whose columns are this rank's
     heads, so each rank holds its heads: a shard along the heads dimension. An attention is
     a module with column-parallel ``q_proj`` and ``k_proj`` and a row-parallel ``o_proj`` in
-    the plan. Another module with column- and row-parallel children (an MLP) returns the
-    row-parallel output: whole, as the plan says.
+    the plan. Another module with column- and row-parallel children (an MLP; an attention
+    whose layers have other names, Phi's ``dense``, say) returns the row-parallel output
+    whole: ``(whole)``, a tensor shown whole, or the first element of a tuple, whose other
+    elements (weights computed from this rank's columns, perhaps) are refused.
     """
     found = {}
     for name, module in model.named_modules():
         kid = {k: styles.get(f"{name}.{k}" if name else k) for k, _ in module.named_children()}
         if kid.get("q_proj") == "colwise" and kid.get("k_proj") == "colwise" and kid.get("o_proj") == "rowwise":
             found[name] = tuple_of(WHOLE, shard(ATTENTION_WEIGHTS_HEADS))
+            continue
+        kinds = [STYLES[s] for s in kid.values() if s in STYLES]
+        if any(out != WHOLE for _, out in kinds) and any(inp != WHOLE for inp, _ in kinds):
+            found[name] = tuple_of(WHOLE)
     return found
+
+
+def model_outputs(model: torch.nn.Module, styles: dict[str, Optional[str]]) -> dict[str, str]:
+    """The output placement of the model and of its base model when a layer is tensor-parallel:
+    their ``ModelOutput``'s ``attentions`` (``output_attentions=True``) holds each layer's
+    attention weights of this rank's heads, nested in a tuple no codec assembles: refused
+    (``local``); the other fields (the logits, the hidden states) are whole."""
+    if not styles:
+        return {}
+    fields = mapping_of({"attentions": LOCAL})
+    return {"": fields, model.base_model_prefix: fields}
+
+
+def undescribed_ancestors(model: torch.nn.Module, names: set[str]) -> dict[str, str]:
+    """``(whole)`` for every module above the modules ``names`` (layers an engine swapped in
+    and does not describe), but the model and its base model (:func:`model_outputs`): what
+    such a module returns beyond its first element may come from those layers' fragments."""
+    keep = {"", model.base_model_prefix}
+    return {prefix: tuple_of(WHOLE) for name in names for prefix in _prefixes(name) if prefix not in keep}
+
+
+def _prefixes(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+

@@ -135,6 +135,9 @@ def _hooks_into_forward(module: torch.nn.Module, pre_before: set, post_before: s
 
     @functools.wraps(inner)
     def forward(*args: Any, **kwargs: Any) -> Any:
+        if not args and len(kwargs) == 1:
+            # The styles' hooks take the input positionally (``module(input=x)`` as ``module(x)``).
+            args, kwargs = tuple(kwargs.values()), {}
         for hook in pre.values():
             result = hook(module, args)
             if result is not None:

@@ -27,7 +27,7 @@ import torch
 from ..distributed.placement import WHOLE, Placement
 from ..distributed.topology import Topology
 from ..intervention.errors import UnshardableModel
-from .styles import STYLES, attention_outputs, between_parallel_layers
+from .styles import STYLES, attention_outputs, between_parallel_layers, model_outputs
 
 name = "transformers"
 #: Its tensor-parallel layers are DTensor ops and its stages' transfers go over the router:
@@ -221,7 +221,7 @@ def placements(model: torch.nn.Module, topo: Topology, root: str = "model",
     if styles is None:
         styles = plan_styles(model) if topo.tp > 1 else {}
     between = between_parallel_layers(model, styles)
-    attention = attention_outputs(model, styles)
+    attention = {**attention_outputs(model, styles), **model_outputs(model, styles)}
     table = {}
     for name, _ in model.named_modules():
         stage = owner(name)
@@ -235,7 +235,7 @@ def placements(model: torch.nn.Module, topo: Topology, root: str = "model",
         # The base model's input is the same on every stage; its output is the last stage's.
         base = f"{root}.{prefix}"
         p = table[base]
-        table[base] = Placement(base, last, p.ranks, WHOLE, WHOLE)
+        table[base] = Placement(base, last, p.ranks, WHOLE, p.output)
     return table
 
 
