@@ -10,7 +10,8 @@ this rank's slice, and an attention returns its heads' weights.
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -87,18 +88,30 @@ def model_outputs(model: torch.nn.Module, styles: dict[str, Optional[str]]) -> d
     if not styles:
         return {}
     fields = mapping_of({"attentions": LOCAL})
-    return {"": fields, model.base_model_prefix: fields}
+    return {"": fields, getattr(model, "base_model_prefix", ""): fields}
 
 
 def undescribed_ancestors(model: torch.nn.Module, names: set[str]) -> dict[str, str]:
     """``(whole)`` for every module above the modules ``names`` (layers an engine swapped in
     and does not describe), but the model and its base model (:func:`model_outputs`): what
     such a module returns beyond its first element may come from those layers' fragments."""
-    keep = {"", model.base_model_prefix}
+    keep = {"", getattr(model, "base_model_prefix", "")}
     return {prefix: tuple_of(WHOLE) for name in names for prefix in _prefixes(name) if prefix not in keep}
 
 
 def _prefixes(name: str) -> list[str]:
     parts = name.split(".")
     return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def positional_input(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward`` of a tensor-parallel layer whose style reads its input positionally
+    (``args[0]``: transformers' and torch's alike), taking it as a keyword too:
+    ``module(input=x)`` runs as ``module(x)``, as the unsharded layer would."""
+    @functools.wraps(forward)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if not args and len(kwargs) == 1:
+            args, kwargs = tuple(kwargs.values()), {}
+        return forward(*args, **kwargs)
+    return call
 

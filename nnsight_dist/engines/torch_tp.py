@@ -30,7 +30,7 @@ from ..distributed.placement import LOCAL, PARTIAL, WHOLE, Placement, shard
 from ..distributed.topology import Topology
 from ..intervention.errors import UnshardableModel
 from . import transformers as hf
-from .styles import STYLES
+from .styles import STYLES, positional_input
 
 name = "torch"
 #: DTensor operations and redistributions are differentiable, and stages' transfers go
@@ -135,9 +135,6 @@ def _hooks_into_forward(module: torch.nn.Module, pre_before: set, post_before: s
 
     @functools.wraps(inner)
     def forward(*args: Any, **kwargs: Any) -> Any:
-        if not args and len(kwargs) == 1:
-            # The styles' hooks take the input positionally (``module(input=x)`` as ``module(x)``).
-            args, kwargs = tuple(kwargs.values()), {}
         for hook in pre.values():
             result = hook(module, args)
             if result is not None:
@@ -149,7 +146,7 @@ def _hooks_into_forward(module: torch.nn.Module, pre_before: set, post_before: s
                 out = result
         return out
 
-    module.forward = forward
+    module.forward = positional_input(forward)
 
 
 def layout(placement: Any) -> str:

@@ -27,7 +27,7 @@ import torch
 from ..distributed.placement import WHOLE, Placement
 from ..distributed.topology import Topology
 from ..intervention.errors import UnshardableModel
-from .styles import STYLES, attention_outputs, between_parallel_layers, model_outputs
+from .styles import STYLES, attention_outputs, between_parallel_layers, model_outputs, positional_input
 
 name = "transformers"
 #: Its tensor-parallel layers are DTensor ops and its stages' transfers go over the router:
@@ -117,6 +117,10 @@ def load_split(path: str, topo: Topology, tp: int, **kwargs: Any) -> torch.nn.Mo
             transformers.utils.logging.enable_progress_bar()
     if topo.pp > 1:
         _own_pipeline(model, topo)
+    if tp > 1:
+        modules = dict(model.named_modules())
+        for name in plan_styles(model):
+            modules[name].forward = positional_input(modules[name].forward)
     return model
 
 

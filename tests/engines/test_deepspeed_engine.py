@@ -105,6 +105,10 @@ def test_parameters_whole_and_placements_from_classes(reference):
                 assert (inp, out, sliced) == ("shard(-1)", "shard(-1)", {}), name
             elif name.endswith("self_attn"):
                 assert (inp, out, sliced) == ("whole", "(whole, shard(1))", {}), name
+            elif name.endswith("mlp"):  # a parent of column- and row-parallel layers: its first element
+                assert (inp, out, sliced) == ("whole", "(whole)", {}), name
+            elif name in ("", "model"):  # the model outputs: this rank's heads' attention weights refused
+                assert (inp, out, sliced) == ("whole", "{attentions: local}", {}), name
             else:
                 assert (inp, out, sliced) == ("whole", "whole", {}), name
 
@@ -175,8 +179,9 @@ def test_adhoc_lm_head_of_any_shape_and_refused_operations(reference):
 def test_undescribed_layers_and_their_neighbours_are_local():
     """A swapped layer of a class the engine does not describe (DeepSpeed's fused gate/up
     projection) is ``local``, and so is every module beside it (the activation computes on
-    its slice); a described neighbour keeps its class's placement; its parent's output,
-    reduced by the row-parallel layer, is whole. No ranks: the placements are read from the
+    its slice); a described neighbour keeps its class's placement; its parent returns
+    ``(whole)`` (its output reduced by the row-parallel layer; any other element refused),
+    the model's outputs refuse their attention weights. No ranks: the placements are read from the
     modules (DeepSpeed builds its layers without a group, unsliced)."""
     from deepspeed.module_inject import layers
     from torch import nn
@@ -195,7 +200,7 @@ def test_undescribed_layers_and_their_neighbours_are_local():
     block.mlp, block.norm = MLP(), nn.LayerNorm(128)
     table = engines.get("deepspeed").placements(block, Topology(2, 0, 0, 1, 1, 2))
     got = {path: (p.input, p.output) for path, p in table.items()}
-    assert got == {"model": ("whole", "whole"), "model.mlp": ("whole", "whole"),
+    assert got == {"model": ("whole", "{attentions: local}"), "model.mlp": ("whole", "(whole)"),
                    "model.mlp.gate_up_proj": ("local", "local"), "model.mlp.act_fn": ("local", "local"),
                    "model.mlp.down_proj": ("shard(-1)", "whole"), "model.norm": ("whole", "whole")}
     assert dict(table["model.mlp.gate_up_proj"].parameters) == {"weight": "local"}  # cut per sub-parameter
