@@ -433,3 +433,23 @@ class Unplaced(Codec):
         )
 
     fragment = whole
+
+
+#: Module methods that list parameters as the module holds them (fragments included).
+PARAMETER_LISTINGS = ("parameters", "named_parameters", "state_dict", "get_parameter")
+
+
+def whole_parameter(value: Any, layout: Optional[Codec]) -> Any:
+    """A parameter the engine holds as a plain tensor fragment, whole through ``layout``
+    (a collective of the tp group); a ``DTensor`` was already made whole by the envoy."""
+    if layout is None or not isinstance(value, torch.Tensor) or hasattr(value, "full_tensor"):
+        return value
+    return layout.whole(value.detach())
+
+
+def holds_dtensor_shards(module: torch.nn.Module) -> bool:
+    """Whether a parameter of ``module`` itself (not of its children) is a ``DTensor`` that
+    is not replicated: its forward computes on this rank's fragment."""
+    return any(not all(p.is_replicate() for p in param.placements)
+               for param in module.parameters(recurse=False) if hasattr(param, "placements"))
+

@@ -61,7 +61,8 @@ from .exchange import all_gather_json, gather_cache
 from .divergence import CheckMode, digest, first_difference
 from .failure import _LOST, Failures, communication_error, explained
 from .gradients import PipelineBackward
-from .placement import LOCAL, WHOLE, LayoutCodec, ParameterGradient, Placement, Unplaced, fragmented
+from .placement import (LOCAL, PARAMETER_LISTINGS, WHOLE, LayoutCodec, ParameterGradient, Placement, Unplaced,
+                        fragmented, holds_dtensor_shards, whole_parameter)
 from .router import Router, _shape_only
 from .topology import Topology, at_exit
 
@@ -191,7 +192,7 @@ class ReplicaSeam(Seam):
         the other stages hold the module without weights. A parameter held as a plain
         fragment is served whole; the module's own listings of its parameters would give the
         fragments as they are, and are refused."""
-        if name in _PARAMETER_LISTINGS and any(owner == path or owner.startswith(path + ".")
+        if name in PARAMETER_LISTINGS and any(owner == path or owner.startswith(path + ".")
                                                for owner, _ in self.fragment_parameters):
             raise NNsightError(
                 f"{path}.{name}() would list this rank's slices of the engine's sliced weights as if they were "
@@ -200,7 +201,8 @@ class ReplicaSeam(Seam):
         fragment = self.fragment_parameters.get((path, name))
         if fragment is not None:
             plain = local
-            local = lambda: self._whole_parameter(plain(), fragment, f"{path}.{name}")  # noqa: E731
+            layout = self._codec(fragment, f"{path}.{name}", False, path)
+            local = lambda: whole_parameter(plain(), layout)  # noqa: E731
         location = f"{path}.output"
         stage = self.owner.get(location)
         if stage is None or self.topo.pp == 1:
@@ -229,14 +231,6 @@ class ReplicaSeam(Seam):
             self.attribute_reads += 1
             router.broadcast(("p", path, name, self.attribute_reads), {"value": value})
         return self.gradients.parameter(path, name, stage, value)
-
-    def _whole_parameter(self, value: Any, placement: str, where: str) -> Any:
-        """A parameter the engine holds as a plain tensor fragment, whole (a collective of
-        the tp group); a ``DTensor`` was already made whole by the envoy."""
-        if not isinstance(value, torch.Tensor) or hasattr(value, "full_tensor"):
-            return value
-        return LayoutCodec(placement, self.topo.group("tp"), self.topo.tp, self.topo.tp_rank, self.failures,
-                           where, False).whole(value.detach())
 
     def gradient(self, location: str, of: Optional[str], tensor: Any) -> bool:
         """The gradient of a value is computed by the stage whose tensor is in the real
@@ -304,7 +298,7 @@ class ReplicaSeam(Seam):
         modules = {name.split(".")[depth] for name in self.owner if name.startswith(path + ".")}
         fragmented = (any(loc.startswith(path + ".") for loc in self.fragmented)
                       or any(owner == path for owner, _ in self.fragment_parameters)
-                      or (instance is not None and _holds_dtensor_shards(instance)))
+                      or (instance is not None and holds_dtensor_shards(instance)))
         for name in names:
             attr, is_call = children.get(name, (None, False))
             child = f"{path}.{attr}" if attr in modules else None
@@ -612,17 +606,6 @@ class ReplicaSeam(Seam):
             raise DivergenceError(f"ranks {ranks} ran {steps} steps of the model")
         logs = all_gather_json(entries, group, len(ranks), self.failures)
         raise DivergenceError(first_difference(ranks, logs))
-
-
-#: Module methods that list parameters as the module holds them.
-_PARAMETER_LISTINGS = ("parameters", "named_parameters", "state_dict", "get_parameter")
-
-
-def _holds_dtensor_shards(module: torch.nn.Module) -> bool:
-    """Whether a parameter of ``module`` itself (not of its children) is a ``DTensor`` that
-    is not replicated: its forward computes on this rank's fragment."""
-    return any(not all(p.is_replicate() for p in param.placements)
-               for param in module.parameters(recurse=False) if hasattr(param, "placements"))
 
 
 def _spanning(placements: dict[str, Placement]) -> dict[str, list[int]]:
