@@ -109,6 +109,10 @@ class Placement:
     #: ``(name, placement)`` of each parameter the engine holds as a plain tensor fragment
     #: (a ``DTensor`` describes itself and is not listed): served whole when read.
     parameters: tuple[tuple[str, str], ...] = ()
+    #: A module run on every pipeline stage whose input, on the stages after the first, is
+    #: made of a placeholder's stand-in values (the rotary embedding is handed the hidden
+    #: states only for their dtype): its input is refused, on every rank.
+    stand_in_input: bool = False
 
     def __str__(self) -> str:
         stage = "every stage" if self.owner_stage is None else f"stage {self.owner_stage}"
@@ -123,25 +127,27 @@ class Refused:
     engine gets its fragment back when the value returns to the model.
     """
 
-    __slots__ = ("_where", "_local")
+    __slots__ = ("_where", "_local", "_why")
 
-    def __init__(self, where: str, local: Any) -> None:
+    def __init__(self, where: str, local: Any, why: Optional[str] = None) -> None:
         object.__setattr__(self, "_where", where)
         object.__setattr__(self, "_local", local)
+        object.__setattr__(self, "_why", why)
 
     def _refuse(self, *args: Any, **kwargs: Any) -> Any:
-        where = object.__getattribute__(self, "_where")
-        raise NNsightError(
+        where, why = object.__getattribute__(self, "_where"), object.__getattribute__(self, "_why")
+        raise NNsightError(f"{where} {why}" if why else (
             f"{where} holds this rank's tensor-parallel fragment, and the engine does not say how the "
             "fragments form the whole value: it is not shown (use another part of the value, or trace "
             "with tp=1)"
-        )
+        ))
 
     def __getattr__(self, name: str) -> Any:
         self._refuse()
 
     def __repr__(self) -> str:
-        return f"<refused: {object.__getattribute__(self, '_where')} is a tensor-parallel fragment>"
+        why = object.__getattribute__(self, "_why") or "is a tensor-parallel fragment"
+        return f"<refused: {object.__getattribute__(self, '_where')} {why.split(':')[0]}>"
 
     __setattr__ = __getitem__ = __setitem__ = __iter__ = __len__ = __call__ = __bool__ = _refuse
     __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __matmul__ = _refuse
@@ -433,6 +439,34 @@ class Unplaced(Codec):
         )
 
     fragment = whole
+
+
+class StandIn(Codec):
+    """The inputs of a module run on every pipeline stage whose first argument later stages
+    compute from a placeholder's stand-in values (:attr:`Placement.stand_in_input`): that
+    argument is served as a :class:`Refused` stand-in on every rank (the others as they
+    are); a written value goes to the model on every stage (each computed the same one)."""
+
+    WHY = ("is, on the pipeline stages after the first, a placeholder's stand-in for values another stage "
+           "computes (this module runs on every stage): it is not shown on any rank. Read the output of the "
+           "module that computes it (the embedding's) instead, or trace with pp=1")
+
+    def __init__(self, location: str) -> None:
+        self.location = location
+
+    def whole(self, local: Any) -> Any:
+        return _first_argument(local, lambda t: t if _shape_only_nest(t) else
+                               Refused(f"{self.location}s (first argument)", t, self.WHY))
+
+    def fragment(self, whole: Any) -> Any:
+        return restored(whole)
+
+
+def _shape_only_nest(value: Any) -> bool:
+    """Whether every tensor in ``value`` is a scan's shape (whose stand-in shapes are real)."""
+    real: list[torch.Tensor] = []
+    map_tensors(value, lambda t: t if _shape_only(t) else real.append(t) or t)
+    return not real
 
 
 #: Module methods that list parameters as the module holds them (fragments included).

@@ -61,7 +61,7 @@ from .exchange import all_gather_json, gather_cache
 from .divergence import CheckMode, digest, first_difference
 from .failure import _LOST, Failures, communication_error, explained
 from .gradients import PipelineBackward
-from .placement import (LOCAL, PARAMETER_LISTINGS, WHOLE, LayoutCodec, ParameterGradient, Placement, Unplaced,
+from .placement import (LOCAL, PARAMETER_LISTINGS, WHOLE, LayoutCodec, ParameterGradient, Placement, StandIn, Unplaced,
                         fragmented, holds_dtensor_shards, whole_parameter)
 from .router import Router, _shape_only
 from .topology import Topology, at_exit
@@ -106,6 +106,8 @@ class ReplicaSeam(Seam):
                 self.owner[location] = p.owner_stage
                 if p.owner_stage is not None and p.owner_stage != topo.pp_rank:
                     self.remote.add(location)
+                elif key == "input" and p.stand_in_input:
+                    self.codecs[location] = StandIn(location)
                 elif topo.tp > 1:
                     if fragmented(placement):
                         self.fragmented.add(location)

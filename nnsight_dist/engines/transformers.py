@@ -234,7 +234,10 @@ def placements(model: torch.nn.Module, topo: Topology, root: str = "model",
         stages = range(topo.pp) if stage is None else [stage]
         ranks = tuple(topo.rank_of(s, t) for s in stages for t in range(topo.tp))
         path = f"{root}.{name}" if name else root
-        table[path] = Placement(path, stage, ranks, inp, out)
+        # Run on every stage inside the base model (the rotary embedding): later stages hand
+        # it the embedding placeholder's zeros.
+        stand_in = topo.pp > 1 and stage is None and name != ""
+        table[path] = Placement(path, stage, ranks, inp, out, stand_in_input=stand_in)
     if topo.pp > 1:
         # The base model's input is the same on every stage; its output is the last stage's.
         base = f"{root}.{prefix}"
