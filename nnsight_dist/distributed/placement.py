@@ -38,7 +38,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from ..intervention.batcher import map_tensors, rebuild
+from ..intervention.batcher import map_tensors, rebuild, tensors
 from ..intervention.errors import NNsightError
 from ..intervention.seam import Codec
 from .failure import Failures
@@ -455,18 +455,12 @@ class StandIn(Codec):
         self.location = location
 
     def whole(self, local: Any) -> Any:
-        return _first_argument(local, lambda t: t if _shape_only_nest(t) else
+        # A scan's shapes pass: the stand-in values have the real ones.
+        return _first_argument(local, lambda t: t if all(_shape_only(x) for x in tensors(t)) else
                                Refused(f"{self.location}s (first argument)", t, self.WHY))
 
     def fragment(self, whole: Any) -> Any:
         return restored(whole)
-
-
-def _shape_only_nest(value: Any) -> bool:
-    """Whether every tensor in ``value`` is a scan's shape (whose stand-in shapes are real)."""
-    real: list[torch.Tensor] = []
-    map_tensors(value, lambda t: t if _shape_only(t) else real.append(t) or t)
-    return not real
 
 
 #: Module methods that list parameters as the module holds them (fragments included).
@@ -474,9 +468,9 @@ PARAMETER_LISTINGS = ("parameters", "named_parameters", "state_dict", "get_param
 
 
 def whole_parameter(value: Any, layout: Optional[Codec]) -> Any:
-    """A parameter the engine holds as a plain tensor fragment, whole through ``layout``
-    (a collective of the tp group); a ``DTensor`` was already made whole by the envoy."""
-    if layout is None or not isinstance(value, torch.Tensor) or hasattr(value, "full_tensor"):
+    """A parameter the engine holds as a plain tensor fragment (engines list no ``DTensor``:
+    the envoy makes those whole), whole through ``layout``: a collective of the tp group."""
+    if layout is None or not isinstance(value, torch.Tensor):
         return value
     return layout.whole(value.detach())
 

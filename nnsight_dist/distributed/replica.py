@@ -114,8 +114,10 @@ class ReplicaSeam(Seam):
                     codec = self._codec(placement, location, key == "input", path)
                     if codec is not None:
                         self.codecs[location] = codec
-        self.fragment_parameters = {(path, name): placement for path, p in placements.items()
-                                    for name, placement in p.parameters if topo.tp > 1}
+        #: (module path, parameter name) -> the codec serving that plain-tensor fragment whole.
+        self.fragment_parameters = {(path, name): self._codec(placement, f"{path}.{name}", False, path)
+                                    for path, p in placements.items() for name, placement in p.parameters
+                                    if topo.tp > 1}
         root = next((p for path, p in placements.items() if "." not in path), None)
         result = root.output if root is not None and topo.tp > 1 else WHOLE
         if self.opaque or result != WHOLE:
@@ -200,10 +202,9 @@ class ReplicaSeam(Seam):
                 f"{path}.{name}() would list this rank's slices of the engine's sliced weights as if they were "
                 f"whole: read each parameter by its name (`{path}.<module>.weight`), which is gathered whole"
             )
-        fragment = self.fragment_parameters.get((path, name))
-        if fragment is not None:
+        layout = self.fragment_parameters.get((path, name))
+        if layout is not None:
             plain = local
-            layout = self._codec(fragment, f"{path}.{name}", False, path)
             local = lambda: whole_parameter(plain(), layout)  # noqa: E731
         location = f"{path}.output"
         stage = self.owner.get(location)

@@ -209,24 +209,23 @@ def test_error_in_a_backward_block_on_one_rank(reference, fails_on):
     _compare([values for _, values in results], expected, f"after a failure on rank {fails_on}")
 
 
-def stop_on_stage1(model):
+def _stop_in_backward(model, layer: int):
+    """``tracer.stop()`` inside a backward block, after reading the gradient of ``layer``."""
     with model.trace(PROMPTS[0]) as tracer:
-        h3 = model.model.layers[3].output
+        h = model.model.layers[layer].output
         loss = model.lm_head.output.sum()
         with loss.backward():
-            g3 = h3.grad.save()
+            g = h.grad.save()
             tracer.stop()
-    return g3
+    return g
+
+
+def stop_on_stage1(model):
+    return _stop_in_backward(model, 3)
 
 
 def stop_on_stage0(model):
-    with model.trace(PROMPTS[0]) as tracer:
-        h0 = model.model.layers[0].output
-        loss = model.lm_head.output.sum()
-        with loss.backward():
-            g0 = h0.grad.save()
-            tracer.stop()
-    return g0
+    return _stop_in_backward(model, 0)
 
 
 def earlier_first(model):
